@@ -1,0 +1,38 @@
+# The two first commands on a fresh machine are `make demo` and `make test`; both create or update .venv.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# exllamav2 and the pipeline run on a CUDA torch where there is a GPU; elsewhere the CPU build on disk is used.
+TORCH_SPEC := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
+
+.PHONY: install demo test test-fast quality style clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q -e ".[dev]" "$(TORCH_SPEC)"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/exl2 model build-default
+	$(BIN)/exl2 inspect "$$($(BIN)/exl2 model path)"
+	$(BIN)/exl2 calibration show --model "$$($(BIN)/exl2 model path)" --rows 16 --length 512
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+quality: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy quantize calibration eval pipeline
+
+style: $(STAMP)
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache

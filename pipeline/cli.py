@@ -1,0 +1,99 @@
+"""The `exl2` command: a thin Typer layer over the library.
+
+Each command parses its options, calls one library function and prints the result (rich tables for people,
+`--json` for scripts). Library errors (`quantize.errors.Exl2Error`) become one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from quantize.errors import Exl2Error
+
+app = typer.Typer(help="Measure, quantize (EXL2), evaluate and publish vision-language models.", no_args_is_help=True)
+model_app = typer.Typer(help="The built-in default model.", no_args_is_help=True)
+calibration_app = typer.Typer(help="Calibration sets.", no_args_is_help=True)
+app.add_typer(model_app, name="model")
+app.add_typer(calibration_app, name="calibration")
+
+console = Console()
+err_console = Console(stderr=True)
+
+ModelDir = Annotated[Path, typer.Argument(help="A Hugging Face model folder (config.json + safetensors).")]
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of tables.")]
+CacheDir = Annotated[
+    Path | None, typer.Option("--cache-dir", help="Cache folder (default: $EXL2_CACHE or ~/.cache/exl2-vlm).")
+]
+
+
+def _print_json(data: Any) -> None:
+    typer.echo(json.dumps(data, indent=2, default=str))
+
+
+@app.command()
+def inspect(model_dir: ModelDir, as_json: JsonFlag = False) -> None:
+    """Print the architecture, parameter counts per component, and what will be quantized and what kept."""
+    from quantize.adapters import load_adapter
+    from quantize.inspection import summarize
+
+    summary = summarize(load_adapter(model_dir))
+    if as_json:
+        _print_json(summary)
+        return
+    console.print(f"[bold]{summary['architecture']}[/bold]  layout: {summary['layout']}  shards: {summary['shards']}")
+    lm = Table(title="language model", show_header=False)
+    for key, value in summary["language_model"].items():
+        lm.add_row(key, str(value))
+    if "vision" in summary:
+        for key, value in summary["vision"].items():
+            lm.add_row(f"vision {key}", str(value))
+    console.print(lm)
+    table = Table(title="components")
+    for col in ("component", "tensors", "parameters", "size", "dtypes", "treatment"):
+        table.add_column(col, justify="right" if col in ("tensors", "parameters", "size") else "left")
+    for c in summary["components"]:
+        size = f"{c['bytes'] / 2**20:,.1f} MiB"
+        table.add_row(c["component"], str(c["tensors"]), f"{c['parameters']:,}", size, ",".join(c["dtypes"]), c["treatment"])
+    console.print(table)
+    console.print(
+        f"total parameters stored: {summary['total_parameters']:,}; decoder linears to quantize: {summary['quantized_linears']}"
+    )
+
+
+@model_app.command("build-default")
+def build_default(cache_dir: CacheDir = None, force: bool = False, as_json: JsonFlag = False) -> None:
+    """Build the built-in default VLM (Pixtral architecture around SmolLM2-135M) once, into the cache."""
+    from pipeline.default_model import build_default_model, describe_default_model
+
+    path = build_default_model(cache_dir=cache_dir, force=force)
+    summary = describe_default_model(path)
+    if as_json:
+        _print_json(summary)
+    else:
+        for key, value in summary.items():
+            console.print(f"{key}: {value}")
+
+
+@model_app.command("path")
+def default_path(cache_dir: CacheDir = None) -> None:
+    """Print the default model's folder, building it first if needed."""
+    from pipeline.default_model import build_default_model
+
+    typer.echo(str(build_default_model(cache_dir=cache_dir)))
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        app()
+    except Exl2Error as exc:
+        err_console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(2)
