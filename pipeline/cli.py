@@ -61,7 +61,9 @@ def inspect(model_dir: ModelDir, as_json: JsonFlag = False) -> None:
         table.add_column(col, justify="right" if col in ("tensors", "parameters", "size") else "left")
     for c in summary["components"]:
         size = f"{c['bytes'] / 2**20:,.1f} MiB"
-        table.add_row(c["component"], str(c["tensors"]), f"{c['parameters']:,}", size, ",".join(c["dtypes"]), c["treatment"])
+        table.add_row(
+            c["component"], str(c["tensors"]), f"{c['parameters']:,}", size, ",".join(c["dtypes"]), c["treatment"]
+        )
     console.print(table)
     console.print(
         f"total parameters stored: {summary['total_parameters']:,}; decoder linears to quantize: {summary['quantized_linears']}"

@@ -87,7 +87,9 @@ def _rewrite(folder, edit):
 def test_unsupported_architecture_names_what_was_found(tiny_dir, tmp_path):
     folder = _copy(tiny_dir("llama")[0], tmp_path)
     tiny_models.edit_config(folder, architectures=["Qwen2ForCausalLM"])
-    with pytest.raises(UnsupportedArchitectureError, match=r"\['Qwen2ForCausalLM'\] is not supported \(supported: Llava"):
+    with pytest.raises(
+        UnsupportedArchitectureError, match=r"\['Qwen2ForCausalLM'\] is not supported \(supported: Llava"
+    ):
         load_adapter(folder)
 
 
@@ -113,7 +115,9 @@ def test_projector_bias_contradicting_config(tiny_dir, tmp_path):
 def test_shape_contradicting_config(tiny_dir, tmp_path):
     folder = _copy(tiny_dir("mistral")[0], tmp_path)
     tiny_models.edit_config(folder, intermediate_size=128)
-    with pytest.raises(ModelFormatError, match=r"model.safetensors: tensor 'model.layers.0.mlp.\w+_proj.weight' has shape"):
+    with pytest.raises(
+        ModelFormatError, match=r"model.safetensors: tensor 'model.layers.0.mlp.\w+_proj.weight' has shape"
+    ):
         load_adapter(folder)
 
 
@@ -139,7 +143,9 @@ def test_unexpected_tensor_and_unexpected_bias(tiny_dir, tmp_path):
     _rewrite(folder, lambda s: s.update({"model.layers.0.self_attn.q_proj.bias": torch.zeros(64)}))
     with pytest.raises(ModelFormatError, match=r"'model.layers.0.self_attn.q_proj.bias' is a bias, but config.json"):
         load_adapter(folder)
-    _rewrite(folder, lambda s: (s.pop("model.layers.0.self_attn.q_proj.bias"), s.update({"model.extra": torch.zeros(1)})))
+    _rewrite(
+        folder, lambda s: (s.pop("model.layers.0.self_attn.q_proj.bias"), s.update({"model.extra": torch.zeros(1)}))
+    )
     with pytest.raises(ModelFormatError, match=r"unexpected tensor 'model.extra' for a MistralForCausalLM"):
         load_adapter(folder)
 

@@ -52,7 +52,9 @@ def test_index_naming_the_wrong_shard(tmp_path):
     index = json.loads((tmp_path / INDEX_NAME).read_text())
     index["weight_map"]["a.weight"] = "model-00002-of-00002.safetensors"
     (tmp_path / INDEX_NAME).write_text(json.dumps(index))
-    with pytest.raises(ModelFormatError, match=r"'a.weight' in model-00002-of-00002.safetensors, but it is in model-00001"):
+    with pytest.raises(
+        ModelFormatError, match=r"'a.weight' in model-00002-of-00002.safetensors, but it is in model-00001"
+    ):
         SafetensorsIndex(tmp_path)
 
 

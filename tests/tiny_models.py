@@ -66,13 +66,18 @@ def build(kind: str, *, tied: bool = False, seed: int = 0, **text_overrides) -> 
         return transformers.LlavaForConditionalGeneration(config).eval()
     if kind == "mistral3":
         config = transformers.Mistral3Config(
-            vision_config=vision_cfg, text_config=text_cfg, image_token_index=TEXT["vocab_size"] - 1, tie_word_embeddings=tied
+            vision_config=vision_cfg,
+            text_config=text_cfg,
+            image_token_index=TEXT["vocab_size"] - 1,
+            tie_word_embeddings=tied,
         )
         return transformers.Mistral3ForConditionalGeneration(config).eval()
     raise ValueError(kind)
 
 
-def save(model: transformers.PreTrainedModel, out: Path, *, layout: str = "saved", shards: int = 1, index: bool = True) -> Path:
+def save(
+    model: transformers.PreTrainedModel, out: Path, *, layout: str = "saved", shards: int = 1, index: bool = True
+) -> Path:
     """Save `model`, then rewrite its tensors in `layout` ('saved' keeps transformers' keys, 'transformers'
     renames legacy VLM keys to the newer layout) across `shards` files, with or without an index."""
     model.save_pretrained(out)
