@@ -65,9 +65,8 @@ def inspect(model_dir: ModelDir, as_json: JsonFlag = False) -> None:
             c["component"], str(c["tensors"]), f"{c['parameters']:,}", size, ",".join(c["dtypes"]), c["treatment"]
         )
     console.print(table)
-    console.print(
-        f"total parameters stored: {summary['total_parameters']:,}; decoder linears to quantize: {summary['quantized_linears']}"
-    )
+    total, linears = summary["total_parameters"], summary["quantized_linears"]
+    console.print(f"total parameters stored: {total:,}; decoder linears to quantize: {linears}")
 
 
 @model_app.command("build-default")
