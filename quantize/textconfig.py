@@ -27,6 +27,7 @@ class TextConfig:
     attention_bias: bool = False
     mlp_bias: bool = False
     hidden_act: str = "silu"
+    sliding_window: int | None = None
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @classmethod
@@ -62,4 +63,5 @@ class TextConfig:
             attention_bias=bool(text.get("attention_bias", False)),
             mlp_bias=bool(text.get("mlp_bias", False)),
             hidden_act=str(text.get("hidden_act", "silu")),
+            sliding_window=int(text["sliding_window"]) if text.get("sliding_window") else None,
         )
