@@ -83,6 +83,35 @@ def build_default(cache_dir: CacheDir = None, force: bool = False, as_json: Json
             console.print(f"{key}: {value}")
 
 
+@calibration_app.command("show")
+def calibration_show(
+    model: Annotated[Path, typer.Option("--model", help="Model folder whose tokenizer (and image processor) is used.")],
+    source: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--source",
+            "-s",
+            help="A source, repeatable: exl2-default, text:PATH, jsonl:PATH[#FIELD], "
+            "parquet:PATH[#COL], hf:NAME[:CONFIG][@SPLIT][#FIELD], images:DIR, hf-images:NAME.",
+        ),
+    ] = None,
+    rows: Annotated[int, typer.Option(help="Rows in the set.")] = 115,
+    length: Annotated[int, typer.Option(help="Tokens per row.")] = 2048,
+    seed: Annotated[int, typer.Option(help="Seed of every random choice.")] = 0,
+    plan: Annotated[bool, typer.Option("--plan", help="Only show the planned split; tokenize nothing.")] = False,
+    cache_dir: CacheDir = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Print the calibration set that will be used: sources, rows and tokens each, image rows, fingerprint, cache."""
+    from pipeline.calibrate import show_calibration
+
+    result = show_calibration(model, source, rows=rows, length=length, seed=seed, cache_dir=cache_dir, build=not plan)
+    if as_json:
+        _print_json(result.summary)
+    else:
+        console.print(result.table)
+
+
 @model_app.command("path")
 def default_path(cache_dir: CacheDir = None) -> None:
     """Print the default model's folder, building it first if needed."""
