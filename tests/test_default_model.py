@@ -31,25 +31,6 @@ SENTENCE = "The Python tutorial explains how to define functions, and the standa
 SMOL_VOCAB = 49152
 
 
-@pytest.fixture(scope="session")
-def model_dir() -> Path:
-    return build_default_model(log=lambda _msg: None)
-
-
-@pytest.fixture(scope="session")
-def tokenizer(model_dir):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(model_dir)
-
-
-@pytest.fixture(scope="session")
-def vlm(model_dir):
-    from transformers import LlavaForConditionalGeneration
-
-    return LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
-
-
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as fh:
@@ -59,13 +40,13 @@ def _sha256(path: Path) -> str:
 
 
 @pytest.mark.slow
-def test_folder_has_every_file_and_exllamav2_config_fields(model_dir):
-    assert model_dir.name == DEFAULT_MODEL_NAME
+def test_folder_has_every_file_and_exllamav2_config_fields(default_model_dir):
+    assert default_model_dir.name == DEFAULT_MODEL_NAME
     for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", BUILD_MARKER):
-        assert (model_dir / name).is_file(), name
+        assert (default_model_dir / name).is_file(), name
     for name in ("generation_config.json", "preprocessor_config.json", "processor_config.json", "README.md"):
-        assert (model_dir / name).is_file(), name
-    config = json.loads((model_dir / "config.json").read_text())
+        assert (default_model_dir / name).is_file(), name
+    config = json.loads((default_model_dir / "config.json").read_text())
     assert config["architectures"] == ["LlavaForConditionalGeneration"]
     assert config["multimodal_projector_bias"] is False
     assert config["vision_feature_layer"] == -1
@@ -77,28 +58,28 @@ def test_folder_has_every_file_and_exllamav2_config_fields(model_dir):
     text = config["text_config"]
     assert (text["vocab_size"], text["head_dim"], text["rope_theta"]) == (SMOL_VOCAB + 3, 64, 100000.0)
     assert text["tie_word_embeddings"] is False and config["tie_word_embeddings"] is False
-    prep = json.loads((model_dir / "preprocessor_config.json").read_text())
+    prep = json.loads((default_model_dir / "preprocessor_config.json").read_text())
     assert prep["image_processor_type"] == "PixtralImageProcessor"
     assert prep["patch_size"] == {"height": 16, "width": 16}
-    summary = describe_default_model(model_dir)
+    summary = describe_default_model(default_model_dir)
     assert summary["complete"] and summary["vocab_size"] == SMOL_VOCAB + 3
 
 
 @pytest.mark.slow
-def test_tokenizer_has_image_tokens_and_chat_template(tokenizer):
-    assert tokenizer.convert_tokens_to_ids(list(IMAGE_TOKENS)) == [SMOL_VOCAB, SMOL_VOCAB + 1, SMOL_VOCAB + 2]
-    assert len(tokenizer) == SMOL_VOCAB + 3
+def test_tokenizer_has_image_tokens_and_chat_template(default_tokenizer):
+    assert default_tokenizer.convert_tokens_to_ids(list(IMAGE_TOKENS)) == [SMOL_VOCAB, SMOL_VOCAB + 1, SMOL_VOCAB + 2]
+    assert len(default_tokenizer) == SMOL_VOCAB + 3
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]}]
-    prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    prompt = default_tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     assert "<|im_start|>user\n[IMG]What is this?<|im_end|>\n" in prompt
     assert prompt.startswith("<|im_start|>system\n") and prompt.endswith("<|im_start|>assistant\n")
-    ids = tokenizer(prompt).input_ids
+    ids = default_tokenizer(prompt).input_ids
     assert ids.count(SMOL_VOCAB) == 1 and ids[0] == 1
 
 
 @pytest.mark.slow
-def test_safetensors_use_legacy_pixtral_layout(model_dir):
-    with safe_open(model_dir / "model.safetensors", "pt") as f:
+def test_safetensors_use_legacy_pixtral_layout(default_model_dir):
+    with safe_open(default_model_dir / "model.safetensors", "pt") as f:
         keys = set(f.keys())
         embed = f.get_tensor("language_model.model.embed_tokens.weight")
         head = f.get_tensor("language_model.lm_head.weight")
@@ -114,14 +95,14 @@ def test_safetensors_use_legacy_pixtral_layout(model_dir):
 
 
 @pytest.mark.slow
-def test_text_logits_equal_standalone_smollm2(vlm, tokenizer, tmp_path_factory):
+def test_text_logits_equal_standalone_smollm2(default_vlm, default_tokenizer, tmp_path_factory):
     from transformers import LlamaForCausalLM
 
     smol_dir = convert_smollm2(assets.smollm2_gguf(), tmp_path_factory.mktemp("smollm2"))
     smol = LlamaForCausalLM.from_pretrained(smol_dir, dtype=torch.float32).eval()
-    ids = tokenizer(SENTENCE, return_tensors="pt").input_ids
+    ids = default_tokenizer(SENTENCE, return_tensors="pt").input_ids
     with torch.no_grad():
-        full = vlm(input_ids=ids).logits[0]
+        full = default_vlm(input_ids=ids).logits[0]
         ref = smol(input_ids=ids).logits[0]
     assert (full[:, :SMOL_VOCAB] - ref).abs().max().item() <= 1e-5
     # The image tokens' lm_head rows score the mean logit, so they never win.
@@ -129,39 +110,39 @@ def test_text_logits_equal_standalone_smollm2(vlm, tokenizer, tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_forward_with_one_image_is_finite(vlm, tokenizer, model_dir):
+def test_forward_with_one_image_is_finite(default_vlm, default_tokenizer, default_model_dir):
     from skimage import data
     from transformers import AutoImageProcessor
 
-    processor = AutoImageProcessor.from_pretrained(model_dir)
+    processor = AutoImageProcessor.from_pretrained(default_model_dir)
     pixels = processor(data.astronaut(), return_tensors="pt")
     rows, cols = (int(s) // 16 for s in pixels["image_sizes"][0])
     grid = ([IMAGE_TOKENS[0]] * cols + [IMAGE_TOKENS[1]]) * rows
     grid[-1] = IMAGE_TOKENS[2]
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe the image."}]}]
-    prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    ids = tokenizer(prompt.replace(IMAGE_TOKENS[0], "".join(grid)), return_tensors="pt").input_ids
+    prompt = default_tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    ids = default_tokenizer(prompt.replace(IMAGE_TOKENS[0], "".join(grid)), return_tensors="pt").input_ids
     assert (ids == SMOL_VOCAB).sum().item() == rows * cols
     with torch.no_grad():
-        out = vlm(input_ids=ids, pixel_values=pixels["pixel_values"], image_sizes=pixels["image_sizes"])
+        out = default_vlm(input_ids=ids, pixel_values=pixels["pixel_values"], image_sizes=pixels["image_sizes"])
     assert out.logits.shape == (1, ids.shape[1], SMOL_VOCAB + 3)
     assert torch.isfinite(out.logits).all()
 
 
 @pytest.mark.slow
-def test_second_build_reuses_the_cache(model_dir):
-    marker = model_dir / BUILD_MARKER
+def test_second_build_reuses_the_cache(default_model_dir):
+    marker = default_model_dir / BUILD_MARKER
     before = marker.stat().st_mtime_ns
     messages: list[str] = []
     start = time.monotonic()
-    assert build_default_model(log=messages.append) == model_dir
+    assert build_default_model(log=messages.append) == default_model_dir
     assert time.monotonic() - start < 2.0
     assert marker.stat().st_mtime_ns == before
     assert any("reusing" in m for m in messages)
 
 
 @pytest.mark.slow
-def test_rebuild_is_byte_identical(model_dir, tmp_path):
+def test_rebuild_is_byte_identical(default_model_dir, tmp_path):
     # Share the cached GGUF so the rebuild costs only the conversion (about 10 s).
     (tmp_path / "assets").mkdir()
     gguf = assets.smollm2_gguf()
@@ -169,7 +150,7 @@ def test_rebuild_is_byte_identical(model_dir, tmp_path):
     rebuilt = build_default_model(cache_dir=tmp_path, log=lambda _msg: None)
     assert rebuilt == tmp_path / "models" / DEFAULT_MODEL_NAME
     for name in ("model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json"):
-        assert _sha256(rebuilt / name) == _sha256(model_dir / name), name
+        assert _sha256(rebuilt / name) == _sha256(default_model_dir / name), name
     assert not [p for p in rebuilt.parent.iterdir() if p.name.startswith(".")]
 
 
