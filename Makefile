@@ -20,7 +20,8 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/exl2 model build-default
 	$(BIN)/exl2 inspect "$$($(BIN)/exl2 model path)"
-	$(BIN)/exl2 calibration show --model "$$($(BIN)/exl2 model path)" --rows 16 --length 512
+	$(BIN)/exl2 calibration show --model "$$($(BIN)/exl2 model path)" --rows 16 --length 512 \
+		-s exl2-default -s "sample-images#weight=0.25,max_edge=128"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -284,3 +284,30 @@ class HfImageSource(ImageSource):
         text = record.get(answer) if answer else None
         question = record.get(prompt) if prompt else None
         return image, (str(question) if question else None), (str(text) if text else None)
+
+
+class SampleImageSource(ImageSource):
+    kind = "sample-images"
+    needs = None
+    summary = "the photographs inside scikit-image's wheel, with a prompt and a description each (offline)"
+
+    @property
+    def where(self) -> str:
+        return "sample-images source"
+
+    def content_identity(self) -> dict[str, Any]:
+        import skimage
+
+        from calibration.sample_images import SAMPLE_IMAGES
+
+        version = skimage.__version__  # type: ignore[attr-defined]  # in the stub's __all__, not declared
+        return {"skimage": version, "images": [(s.name, s.prompt, s.description) for s in SAMPLE_IMAGES]}
+
+    def items(self) -> list[ImageItem]:
+        from calibration.sample_images import SAMPLE_IMAGES
+
+        return [ImageItem(label=s.name, fetch=partial(_sample, s)) for s in SAMPLE_IMAGES]
+
+
+def _sample(sample: Any) -> tuple[Image.Image, str | None, str | None]:
+    return sample.load(), sample.prompt, sample.description

@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 
 from calibration.base import CalibrationSource
-from calibration.image_sources import HfImageSource, ImageFolderSource
+from calibration.image_sources import HfImageSource, ImageFolderSource, SampleImageSource
 from calibration.text_sources import (
     Exl2DefaultSource,
     HfTextSource,
@@ -25,6 +25,7 @@ SOURCES: dict[str, type[CalibrationSource]] = {
         HfTextSource,
         ImageFolderSource,
         HfImageSource,
+        SampleImageSource,
     )
 }
 

@@ -34,7 +34,7 @@ _OPTION_KEYS: dict[str, str] = {
 # Kinds whose text lives in a local path (the part after `kind:`) rather than a dataset name.
 _PATH_KINDS = {"text", "jsonl", "parquet", "images"}
 _NAME_KINDS = {"hf", "hf-images"}
-_IMAGE_KINDS = {"images", "hf-images"}
+_BARE_KINDS = {"exl2-default", "sample-images"}
 
 
 class SourceSpec(BaseModel):
@@ -70,13 +70,15 @@ class SourceSpec(BaseModel):
 
     @property
     def is_image(self) -> bool:
-        return self.kind in _IMAGE_KINDS
+        from calibration.sources import get_source
+
+        return get_source(self.kind).is_image
 
     @property
     def label(self) -> str:
         """The short string form of this source (what `parse_source` reads back)."""
-        if self.kind == "exl2-default":
-            head = "exl2-default"
+        if self.kind in _BARE_KINDS:
+            head = self.kind
         elif self.kind in _PATH_KINDS:
             head = f"{self.kind}:{self.path}"
         else:
@@ -149,6 +151,7 @@ def parse_source(text: str) -> SourceSpec:
         hf:NAME[:CONFIG][@SPLIT][#FIELD]   NAME: a save_to_disk folder, a folder of data files, or a hub name
         images:DIR[#OPTIONS]               images with same-stem .txt captions or a captions.jsonl
         hf-images:NAME[:CONFIG][@SPLIT][#IMAGE_FIELD]
+        sample-images[#OPTIONS]            the photographs inside scikit-image, each with a prompt and description
 
     OPTIONS: text=, image=, prompt=, prompt_field= (alias question=), weight=, max_edge=, filler=.
     """
@@ -162,8 +165,8 @@ def parse_source(text: str) -> SourceSpec:
         fields["path"] = rest
     elif kind in _NAME_KINDS:
         fields.update(_parse_dataset_ref(text, rest))
-    elif sep and kind == "exl2-default":
-        raise CalibrationError(f"calibration source '{text}': exl2-default takes no argument")
+    elif sep and kind in _BARE_KINDS:
+        raise CalibrationError(f"calibration source '{text}': {kind} takes no argument")
     fields.update(_parse_options(text, fields["kind"], fragment))
     try:
         return SourceSpec(**fields)

@@ -24,8 +24,9 @@ calibration_app = typer.Typer(help="Calibration sets.", no_args_is_help=True)
 app.add_typer(model_app, name="model")
 app.add_typer(calibration_app, name="calibration")
 
-console = Console()
-err_console = Console(stderr=True)
+# Batch jobs log to files: give tables room there instead of rich's 80-column default for non-terminals.
+console = Console(width=None if sys.stdout.isatty() else 140)
+err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
 
 ModelDir = Annotated[Path, typer.Argument(help="A Hugging Face model folder (config.json + safetensors).")]
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of tables.")]

@@ -20,7 +20,7 @@ import zlib
 from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 import torch
@@ -35,8 +35,23 @@ CHAT_TEMPLATE_FILE = "smollm2_vlm_chat.jinja"
 _STALE_PARTIAL_S = 3600
 
 _SEED = 20250207
+
+
+class _VisionSpec(TypedDict):
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    head_dim: int
+    patch_size: int
+    image_size: int
+    num_channels: int
+    hidden_act: str
+    rope_theta: float
+
+
 # Pixtral-12B's vision tower shrunk to a few hundred thousand parameters; silu like the real one.
-_VISION = {
+_VISION: _VisionSpec = {
     "hidden_size": 128,
     "intermediate_size": 256,
     "num_hidden_layers": 2,
@@ -176,7 +191,8 @@ def convert_smollm2(gguf_path: Path, out_dir: Path, *, dtype: torch.dtype = torc
         problem = f"missing {missing[:3]}, unexpected {unexpected[:3]}"
         raise ModelFormatError(f"{gguf_path}: tensors do not fit LlamaForCausalLM ({problem})")
     model.tie_weights()
-    model.to(dtype).eval()
+    # transformers wraps `to` with functools.wraps, whose stub loses the bound `self`; the call is fine at runtime.
+    model.to(dtype).eval()  # type: ignore[arg-type]
     out_dir = Path(out_dir)
     model.save_pretrained(out_dir)
     smollm2_tokenizer(Path(gguf_path)).save_pretrained(out_dir)
@@ -188,7 +204,13 @@ def convert_smollm2(gguf_path: Path, out_dir: Path, *, dtype: torch.dtype = torc
 
 def _text_kwargs(hp: dict[str, Any]) -> dict[str, Any]:
     """Llama/Mistral config arguments for SmolLM2's numbers."""
-    keys = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads")
+    keys: tuple[str, ...] = (
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+    )
     keys += ("head_dim", "vocab_size", "rms_norm_eps", "max_position_embeddings")
     keys += ("bos_token_id", "eos_token_id", "pad_token_id")
     kwargs = {k: hp[k] for k in keys}
@@ -337,7 +359,8 @@ def _build_into(folder: Path, gguf_path: Path, say: Log) -> None:
         model = LlavaForConditionalGeneration(config)
     _init_vision(model, seed=_SEED)
     _graft_text(model, state, vocab_size=config.text_config.vocab_size, source=gguf_path)
-    model.to(torch.bfloat16).eval()
+    # transformers wraps `to` with functools.wraps, whose stub loses the bound `self`; the call is fine at runtime.
+    model.to(torch.bfloat16).eval()  # type: ignore[arg-type]
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     _portable_tokenizer_config(folder / "tokenizer_config.json", hp)
@@ -371,7 +394,20 @@ def _vlm_config(hp: dict[str, Any], *, image_token_id: int) -> Any:
     from transformers import LlavaConfig, MistralConfig, PixtralVisionConfig
 
     # transformers derives head_dim (hidden / heads = 32); config.json gets it written out explicitly afterwards.
-    vision_config = PixtralVisionConfig(**{k: v for k, v in _VISION.items() if k != "head_dim"})
+    v = _VISION
+    vision_config = PixtralVisionConfig(
+        hidden_size=v["hidden_size"],
+        intermediate_size=v["intermediate_size"],
+        num_hidden_layers=v["num_hidden_layers"],
+        num_attention_heads=v["num_attention_heads"],
+        patch_size=v["patch_size"],
+        image_size=v["image_size"],
+        num_channels=v["num_channels"],
+        hidden_act=v["hidden_act"],
+        # Not a declared field in transformers 5: the config accepts extra keyword arguments at runtime
+        # (`@strict(accept_kwargs=True)`), which its dataclass_transform signature does not show.
+        rope_theta=v["rope_theta"],  # type: ignore[call-arg]
+    )
     text_kwargs = _text_kwargs(hp) | {"vocab_size": hp["vocab_size"] + len(IMAGE_TOKENS)}
     text_config = MistralConfig(**text_kwargs, tie_word_embeddings=False, sliding_window=None)
     return LlavaConfig(

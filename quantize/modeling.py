@@ -305,9 +305,12 @@ class LayerwiseLM:
         self, input_ids: torch.Tensor | None = None, *, inputs_embeds: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Logits [B, T, vocab] for full-length rows (positions 0..T-1), from token ids or from embeddings."""
-        if (input_ids is None) == (inputs_embeds is None):
+        if input_ids is not None and inputs_embeds is None:
+            hidden = self.embed(input_ids)
+        elif inputs_embeds is not None and input_ids is None:
+            hidden = self._to_device(inputs_embeds)
+        else:
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
-        hidden = self.embed(input_ids) if inputs_embeds is None else self._to_device(inputs_embeds)
         return self.head(self.run_layers(hidden))
 
     __call__ = forward

@@ -9,6 +9,7 @@ longrope) look at the positions of the call they are given.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
@@ -102,18 +103,25 @@ def _original_max(cfg: TextConfig) -> int:
     return int(value)
 
 
+def _scaling(cfg: TextConfig) -> dict[str, Any]:
+    """`cfg.rope_scaling`, for the builders below: `rope_type` only picks a non-default type when it is set."""
+    scaling = cfg.rope_scaling
+    assert scaling is not None, "a scaled rope type needs rope_scaling"
+    return scaling
+
+
 def _default(cfg: TextConfig, seq_len: int | None) -> tuple[torch.Tensor, float]:
     return _plain_inv_freq(cfg.rope_theta, cfg.head_dim), 1.0
 
 
 def _linear(cfg: TextConfig, seq_len: int | None) -> tuple[torch.Tensor, float]:
-    factor = float(cfg.rope_scaling["factor"])
+    factor = float(_scaling(cfg)["factor"])
     return _plain_inv_freq(cfg.rope_theta, cfg.head_dim) / factor, 1.0
 
 
 def _dynamic(cfg: TextConfig, seq_len: int | None) -> tuple[torch.Tensor, float]:
     """NTK-aware scaling: the base grows with the sequence once it passes max_position_embeddings."""
-    factor = float(cfg.rope_scaling["factor"])
+    factor = float(_scaling(cfg)["factor"])
     dim, max_pos = cfg.head_dim, cfg.max_position_embeddings
     if seq_len is None or seq_len <= max_pos:
         return _plain_inv_freq(cfg.rope_theta, dim), 1.0
@@ -125,7 +133,7 @@ def _dynamic(cfg: TextConfig, seq_len: int | None) -> tuple[torch.Tensor, float]
 
 def _llama3(cfg: TextConfig, seq_len: int | None) -> tuple[torch.Tensor, float]:
     """Llama 3.1: long wavelengths divided by `factor`, short ones kept, a smooth blend in between."""
-    scaling = cfg.rope_scaling
+    scaling = _scaling(cfg)
     factor = float(scaling["factor"])
     low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
     old_len = _original_max(cfg)
@@ -144,7 +152,7 @@ def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
 
 
 def _yarn_attention_factor(cfg: TextConfig, factor: float) -> float:
-    scaling = cfg.rope_scaling
+    scaling = _scaling(cfg)
     if scaling.get("attention_factor") is not None:
         return float(scaling["attention_factor"])
     mscale, mscale_all_dim = scaling.get("mscale"), scaling.get("mscale_all_dim")
@@ -155,7 +163,7 @@ def _yarn_attention_factor(cfg: TextConfig, factor: float) -> float:
 
 def _yarn_ramp_bounds(cfg: TextConfig, dim: int, base: float) -> tuple[float, float]:
     """The dims between which YaRN blends from extrapolation (fast rotations) to interpolation (slow ones)."""
-    scaling, old_len = cfg.rope_scaling, _original_max(cfg)
+    scaling, old_len = _scaling(cfg), _original_max(cfg)
     beta_fast = scaling.get("beta_fast") or 32
     beta_slow = scaling.get("beta_slow") or 1
 
@@ -171,7 +179,7 @@ def _yarn_ramp_bounds(cfg: TextConfig, dim: int, base: float) -> tuple[float, fl
 
 def _yarn(cfg: TextConfig, seq_len: int | None) -> tuple[torch.Tensor, float]:
     """YaRN: per-dim blend of original and interpolated frequencies, and a cos/sin (attention) scale."""
-    scaling, dim, base = cfg.rope_scaling, cfg.head_dim, cfg.rope_theta
+    scaling, dim, base = _scaling(cfg), cfg.head_dim, cfg.rope_theta
     factor = scaling.get("factor")
     if factor is None:
         factor = cfg.max_position_embeddings / _original_max(cfg)
@@ -187,7 +195,7 @@ def _yarn(cfg: TextConfig, seq_len: int | None) -> tuple[torch.Tensor, float]:
 
 def _longrope(cfg: TextConfig, seq_len: int | None) -> tuple[torch.Tensor, float]:
     """LongRoPE: per-dim rescale factors, the long set once the sequence passes the original length."""
-    scaling, old_len = cfg.rope_scaling, _original_max(cfg)
+    scaling, old_len = _scaling(cfg), _original_max(cfg)
     factor = scaling.get("factor")
     if factor is None:
         factor = cfg.max_position_embeddings / old_len

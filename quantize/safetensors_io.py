@@ -171,7 +171,7 @@ class SafetensorsIndex:
             raise ModelFormatError(f"{self.model_dir}: no tensor '{key}' in any shard") from None
 
     @cached_property
-    def _handles(self) -> dict[Path, object]:
+    def _handles(self) -> dict[Path, safe_open]:
         return {}
 
     def get(self, key: str) -> torch.Tensor:

@@ -16,6 +16,7 @@ from calibration import (
     ImageTokenIds,
     build_calibration,
     expand_image_tokens,
+    parse_source,
 )
 from quantize.errors import CalibrationError
 
@@ -183,3 +184,24 @@ def test_model_without_vision_or_image_tokens(tmp_path, tok):
     folder = write_model_dir(tmp_path / "no-tokens", tok)
     with pytest.raises(CalibrationError, match=r"lacks the image tokens \[IMG\], \[IMG_BREAK\], \[IMG_END\]"):
         ImageContext.from_model_dir(folder, tokenizer=plain)
+
+
+def test_sample_images_source(image_ctx, tok):
+    from calibration.sample_images import SAMPLE_IMAGES
+
+    spec = CalibrationSpec.from_strings(["sample-images#max_edge=64"], rows=3, length=LENGTH, seed=1)
+    assert spec.sources[0].label == "sample-images#max_edge=64" and spec.has_images
+    assert parse_source(spec.sources[0].label) == spec.sources[0]
+    calset = build_calibration(spec, tok, image_context=image_ctx)
+    assert len(calset.image_rows) == 3
+    descriptions = {s.description for s in SAMPLE_IMAGES}
+    for image_row in calset.image_rows:
+        row = calset.input_ids[image_row.row]
+        assert max(image_row.image_sizes[0]) <= 64
+        text = tok.decode(row[image_row.span[1] :].tolist())
+        # The row holds a sample's own prompt and description after its image block.
+        assert any(d[:20] in text for d in descriptions), text
+    with pytest.raises(CalibrationError, match=r"sample-images takes no argument"):
+        parse_source("sample-images:foo")
+    with pytest.raises(CalibrationError, match=r"has 16 images; 17 image rows need one each"):
+        build_calibration(spec.model_copy(update={"rows": 17}), tok, image_context=image_ctx)

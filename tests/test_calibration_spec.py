@@ -60,7 +60,7 @@ def test_bad_options_and_missing_arguments():
 
 
 def test_registry_covers_every_kind():
-    assert set(SOURCES) == {"exl2-default", "text", "jsonl", "parquet", "hf", "images", "hf-images"}
+    assert set(SOURCES) == {"exl2-default", "text", "jsonl", "parquet", "hf", "images", "hf-images", "sample-images"}
     assert all(cls.summary for cls in SOURCES.values())
 
 
