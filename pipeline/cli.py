@@ -70,6 +70,31 @@ def inspect(model_dir: ModelDir, as_json: JsonFlag = False) -> None:
     console.print(f"total parameters stored: {total:,}; decoder linears to quantize: {linears}")
 
 
+@app.command()
+def engines(as_json: JsonFlag = False) -> None:
+    """List the engines and whether each can run on this machine (exllamav2 needs CUDA)."""
+    from quantize.engines import ENGINES, cuda_available, exllamav2_installed
+
+    cuda = cuda_available()
+    rows = [
+        {
+            "engine": e.name,
+            "available": not e.needs_cuda or (cuda and exllamav2_installed()),
+            "summary": e.summary,
+        }
+        for e in ENGINES.values()
+    ]
+    if as_json:
+        _print_json({"cuda": cuda, "engines": rows})
+        return
+    table = Table(title=f"engines (CUDA {'available' if cuda else 'not available'})")
+    for col in ("engine", "available", "summary"):
+        table.add_column(col)
+    for row in rows:
+        table.add_row(row["engine"], "yes" if row["available"] else "no", row["summary"])
+    console.print(table)
+
+
 @model_app.command("build-default")
 def build_default(cache_dir: CacheDir = None, force: bool = False, as_json: JsonFlag = False) -> None:
     """Build the built-in default VLM (Pixtral architecture around SmolLM2-135M) once, into the cache."""

@@ -44,3 +44,14 @@ def test_error_is_one_line_with_exit_code_2(tmp_path):
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "config.json: missing" in lines[0], proc.stderr
+
+
+def test_engines_lists_availability():
+    import torch
+
+    result = runner.invoke(app, ["engines", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    by_name = {e["engine"]: e["available"] for e in data["engines"]}
+    assert by_name["torch"] is True
+    assert by_name["exllamav2"] is torch.cuda.is_available()
