@@ -76,22 +76,16 @@ def engines(as_json: JsonFlag = False) -> None:
     from quantize.engines import ENGINES, cuda_available, exllamav2_installed
 
     cuda = cuda_available()
-    rows = [
-        {
-            "engine": e.name,
-            "available": not e.needs_cuda or (cuda and exllamav2_installed()),
-            "summary": e.summary,
-        }
-        for e in ENGINES.values()
-    ]
+    available = {e.name: not e.needs_cuda or (cuda and exllamav2_installed()) for e in ENGINES.values()}
     if as_json:
+        rows = [{"engine": e.name, "available": available[e.name], "summary": e.summary} for e in ENGINES.values()]
         _print_json({"cuda": cuda, "engines": rows})
         return
     table = Table(title=f"engines (CUDA {'available' if cuda else 'not available'})")
     for col in ("engine", "available", "summary"):
         table.add_column(col)
-    for row in rows:
-        table.add_row(row["engine"], "yes" if row["available"] else "no", row["summary"])
+    for e in ENGINES.values():
+        table.add_row(e.name, "yes" if available[e.name] else "no", e.summary)
     console.print(table)
 
 
