@@ -2,8 +2,8 @@
 
 A config splits a linear's K input rows (after act-order permutation) into contiguous groups, highest bit width
 first, each group sharing one 4-bit scale code per output column and one fp16 max scale. This module holds the
-config type with its exllamav2 JSON form and description string, and the row partition; `quantize.format` holds
-the bit accounting, candidate tables and packing.
+config type with its exllamav2 JSON form and description string, the row partition and the bit accounting
+(`total_bits`, `bpw`); `quantize.candidates` holds the candidate tables and `quantize.format` the packing.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ class QParams:
 
     @classmethod
     def make(cls, bits: list[int], bits_prop: list[float], group_size: int | list[int] | dict[int, int]) -> QParams:
-        """Build like exllamav2's QParams(group_size, bits, bits_prop): group_size an int, a parallel list, or a dict."""
+        """Build like exllamav2's QParams(group_size, bits, bits_prop): group_size an int, a list or a dict."""
         if isinstance(group_size, int):
             gs = dict.fromkeys(bits, group_size)
         elif isinstance(group_size, list):
@@ -53,7 +53,9 @@ class QParams:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> QParams:
         """Read exllamav2's JSON form (group_size keys are strings there)."""
-        return cls.make(list(data["bits"]), list(data["bits_prop"]), {int(b): int(g) for b, g in data["group_size"].items()})
+        return cls.make(
+            list(data["bits"]), list(data["bits_prop"]), {int(b): int(g) for b, g in data["group_size"].items()}
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """exllamav2's JSON form: {"group_size": {"3": 64, ...}, "bits": [...], "bits_prop": [...], "scale_bits": 4}."""
@@ -92,3 +94,43 @@ class QParams:
         if start != rows:
             raise ValueError(f"{self.desc} covers {start} of {rows} rows")
         return out
+
+
+def _group_counts(qp: QParams, rows: int) -> list[int]:
+    """Groups per width as exllamav2 counts them (`configure`, `total_bits`): not clamped at 0, unlike `groups`."""
+    counts: list[int] = []
+    remaining = rows
+    for b, p in zip(qp.bits, qp.bits_prop, strict=True):
+        gs = qp.group_size[b]
+        count = math.ceil(min(rows * p, remaining) / gs)
+        counts.append(count)
+        remaining -= count * gs
+    if remaining > 0:
+        raise ValueError(f"{qp.desc} covers {rows - remaining} of {rows} rows")
+    return counts
+
+
+def total_bits(qp: QParams, rows: int, columns: int, *, bias_numel: int = 0) -> int:
+    """Stored bits of a K×N linear (K = `rows` in, N = `columns` out), as exllamav2's `QParams.total_bits`.
+
+    q_weight rows·N·bits (rows capped at K per width), 16 per group for q_scale_max, 32 per group for q_groups,
+    4·N per group for q_scale, 32 per row for q_invperm, 16 per bias element. The measurement and the optimizer
+    budget use this number, so its quirks are kept: padding columns (N up to a multiple of 32) are not counted
+    though they are stored, and a width whose count goes negative (only possible when a smaller group size follows
+    a width that overshot K) subtracts groups and rows as exllamav2 does. exllamav2 multiplies the bias bits by the
+    bias's last dimension, not its numel; that is the same thing for a linear's 1-D bias.
+    """
+    counts = _group_counts(qp, rows)
+    total, left = 0, rows
+    for b, count in zip(qp.bits, counts, strict=True):
+        taken = min(qp.group_size[b] * count, left)
+        left -= taken
+        total += taken * columns * b
+    groups = sum(counts)
+    total += groups * (16 + 32 + columns * qp.scale_bits)
+    return total + rows * 32 + bias_numel * 16
+
+
+def bpw(qp: QParams, rows: int, columns: int, *, bias_numel: int = 0) -> float:
+    """Bits per weight as exllamav2's `QParams.bpw`: `total_bits` over K·N (+ bias elements)."""
+    return total_bits(qp, rows, columns, bias_numel=bias_numel) / (rows * columns + bias_numel)
