@@ -132,6 +132,115 @@ def calibration_show(
         console.print(result.table)
 
 
+Sources = Annotated[
+    list[str] | None,
+    typer.Option("--source", "-s", help="Calibration source, repeatable (see `exl2 calibration show --help`)."),
+]
+WorkDir = Annotated[Path, typer.Option("--out", "-o", help="Work directory: measurement.json and quants/.")]
+Device = Annotated[str, typer.Option(help="auto (CUDA when present, else CPU), cpu, or cuda[:N].")]
+Seed = Annotated[int, typer.Option(help="Seed of the calibration rows and the optimizer.")]
+
+
+def _device(name: str) -> str:
+    from quantize.engines import default_device
+
+    return str(default_device()) if name == "auto" else name
+
+
+def _progress(as_json: bool):
+    from contextlib import nullcontext
+
+    from quantize.progress import JsonProgress, RichProgress
+
+    return nullcontext(JsonProgress()) if as_json else RichProgress()
+
+
+@app.command()
+def measure(
+    model_dir: ModelDir,
+    out: WorkDir,
+    source: Sources = None,
+    rows: Annotated[int, typer.Option(help="Measurement rows (exllamav2: 19 with its default mix).")] = 19,
+    length: Annotated[int, typer.Option(help="Tokens per row.")] = 2048,
+    seed: Seed = 0,
+    device: Device = "auto",
+    force: Annotated[bool, typer.Option(help="Measure again even if an up-to-date measurement exists.")] = False,
+    cache_dir: CacheDir = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Measure every decoder slot's sensitivity once: writes OUT/measurement.json (exllamav2's schema)."""
+    from pipeline.calibrate import make_spec
+    from pipeline.jobs import run_measure
+
+    spec = make_spec(source, rows=rows, length=length, seed=seed)
+    with _progress(as_json) as progress:
+        result = run_measure(
+            model_dir, out, spec, device=_device(device), cache_dir=cache_dir, progress=progress, force=force
+        )
+    summary = {"measurement": str(result.path), "skipped": result.skipped, **result.usage.as_dict()}
+    if as_json:
+        typer.echo(json.dumps({"event": "result", **summary}))
+    else:
+        console.print(f"measurement: {result.path}" + (" (up to date, skipped)" if result.skipped else ""))
+
+
+def _parse_bpw(text: str) -> list[float]:
+    try:
+        return [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"'{text}' is not a comma-separated list of numbers, e.g. 3.0,4.0,5.0") from None
+
+
+@app.command()
+def quantize(
+    model_dir: ModelDir,
+    out: WorkDir,
+    bpw: Annotated[str, typer.Option(help="Target bits per weight, comma-separated, each 2.0..8.0.")],
+    head_bits: Annotated[int, typer.Option(help="lm_head bits: 2, 3, 4, 5, 6 or 8.")] = 6,
+    measurement: Annotated[
+        Path | None, typer.Option(help="measurement.json to use (default: OUT/measurement.json).")
+    ] = None,
+    source: Sources = None,
+    rows: Annotated[int, typer.Option(help="Quantization rows (exllamav2: 115 with its default mix).")] = 115,
+    length: Annotated[int, typer.Option(help="Tokens per row.")] = 2048,
+    seed: Seed = 0,
+    device: Device = "auto",
+    shard_size: Annotated[float, typer.Option(help="Shard size limit in MB (0: one shard).")] = 8192,
+    force: Annotated[bool, typer.Option(help="Quantize again even if an up-to-date quant exists.")] = False,
+    cache_dir: CacheDir = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Quantize to each target bpw from one measurement: one EXL2 folder per target in OUT/quants/."""
+    from pipeline.calibrate import make_spec
+    from pipeline.jobs import run_quantize, validate_targets
+
+    targets = validate_targets(_parse_bpw(bpw), head_bits)  # before any work
+    spec = make_spec(source, rows=rows, length=length, seed=seed)
+    command = " ".join(["exl2", *sys.argv[1:]])
+    with _progress(as_json) as progress:
+        results = run_quantize(
+            model_dir, out, targets, spec, head_bits=head_bits, measurement_path=measurement, seed=seed,
+            device=_device(device), shard_size_mb=shard_size, cache_dir=cache_dir, progress=progress,
+            command=command, force=force,
+        )  # fmt: skip
+    rows_out = [
+        {"quant": r.name, "target_bpw": r.target_bpw, "bpw": round(r.bpw, 4), "head_bits": r.head_bits,
+         "head_bpw": round(r.head_bpw, 4), "size_mib": round(r.size_bytes / 2**20, 2), "skipped": r.skipped,
+         "path": str(r.out_dir), **r.usage.as_dict()}
+        for r in results
+    ]  # fmt: skip
+    if as_json:
+        typer.echo(json.dumps({"event": "result", "quants": rows_out}))
+        return
+    table = Table(title="quants")
+    for col in ("quant", "target_bpw", "bpw", "head_bpw", "size_mib", "wall_s", "peak_rss_mib", "path"):
+        table.add_column(col)
+    for r in rows_out:
+        table.add_row(*(str(r[c]) for c in ("quant", "target_bpw", "bpw", "head_bpw", "size_mib", "wall_s",
+                                              "peak_rss_mib", "path")))  # fmt: skip
+    console.print(table)
+
+
 @model_app.command("path")
 def default_path(cache_dir: CacheDir = None) -> None:
     """Print the default model's folder, building it first if needed."""

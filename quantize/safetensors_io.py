@@ -12,12 +12,10 @@ import json
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
-from functools import cached_property
 from math import prod
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from quantize.errors import ModelFormatError
 
@@ -170,17 +168,22 @@ class SafetensorsIndex:
         except KeyError:
             raise ModelFormatError(f"{self.model_dir}: no tensor '{key}' in any shard") from None
 
-    @cached_property
-    def _handles(self) -> dict[Path, safe_open]:
-        return {}
-
     def get(self, key: str) -> torch.Tensor:
-        """Read one tensor (a copy, in its stored dtype) from its shard."""
+        """Read one tensor (a copy, in its stored dtype) from its shard.
+
+        A plain read into a fresh buffer, not a memory map: pages of a mapped shard stay resident (and count in the
+        process's memory) for as long as the mapping lives, which over a whole model would be the whole model.
+        """
         entry = self.entry(key)
-        handle = self._handles.get(entry.file)
-        if handle is None:
-            handle = self._handles[entry.file] = safe_open(str(entry.file), framework="pt")
-        return handle.get_tensor(key)
+        torch_dtype = DTYPES[entry.dtype][0]
+        buffer = bytearray(entry.nbytes)
+        with entry.file.open("rb") as f:
+            f.seek(entry.start)
+            if f.readinto(buffer) != entry.nbytes:
+                raise ModelFormatError(f"{entry.file}: tensor '{key}' is cut short (file truncated?)")
+        if not buffer:
+            return torch.empty(entry.shape, dtype=torch_dtype)
+        return torch.frombuffer(buffer, dtype=torch_dtype).reshape(entry.shape)
 
     def raw_bytes(self, key: str) -> bytes:
         """The tensor's bytes exactly as stored, for byte-for-byte copies of untouched tensors."""
