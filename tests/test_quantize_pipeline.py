@@ -175,3 +175,26 @@ def test_model_the_format_cannot_hold(tiny_dir, tmp_path):
     with pytest.raises(JobError, match=r"q_proj \(48 -> 48\) cannot be stored as EXL2"):
         run_measure(folder, tmp_path / "work", CalibrationSpec(rows=2, length=16))
     assert not (tmp_path / "work").exists()
+
+
+def test_cli_json_progress_and_result(vlm_dir, spec, work, tmp_path):
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    _, cache, measured, _ = work
+    text_source = spec.sources[0].label
+    result = CliRunner().invoke(
+        app,
+        ["quantize", str(vlm_dir), "-o", str(tmp_path / "w"), "--bpw", "4.5", "--measurement", str(measured.path),
+         "-s", text_source, "--rows", "4", "--length", "64", "--device", "cpu", "--cache-dir", str(cache), "--json"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    events = [json.loads(line) for line in result.output.splitlines() if line.startswith("{")]
+    kinds = [e["event"] for e in events]
+    assert kinds[0] == "start" and kinds[-1] == "result" and "advance" in kinds
+    layers = tiny_models.TEXT["num_hidden_layers"]
+    assert sum(e["event"] == "advance" for e in events) == 2 * layers + 1  # every slot, then the head
+    (quant,) = events[-1]["quants"]
+    assert quant["quant"] == "4.5bpw" and quant["bpw"] <= 4.5 and not quant["skipped"]
+    assert (tmp_path / "w" / "quants" / "4.5bpw" / "tabby_config.yml").exists()
