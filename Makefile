@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # exllamav2 and the pipeline run on a CUDA torch where there is a GPU; elsewhere the CPU build on disk is used.
 TORCH_SPEC := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
 
-.PHONY: install demo test test-fast quality style clean
+.PHONY: install demo bench test quality style clean
 
 install: $(STAMP)
 
@@ -17,11 +17,17 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[dev]" "$(TORCH_SPEC)"
 	touch $(STAMP)
 
+DEMO_MODEL = "$$($(BIN)/exl2 model path)"
+DEMO_SOURCES = -s exl2-default -s "sample-images#weight=0.25,max_edge=128"
+
 demo: $(STAMP)
 	$(BIN)/exl2 model build-default
-	$(BIN)/exl2 inspect "$$($(BIN)/exl2 model path)"
-	$(BIN)/exl2 calibration show --model "$$($(BIN)/exl2 model path)" --rows 16 --length 512 \
-		-s exl2-default -s "sample-images#weight=0.25,max_edge=128"
+	$(BIN)/exl2 inspect $(DEMO_MODEL)
+	$(BIN)/exl2 measure $(DEMO_MODEL) -o work/default --rows 8 --length 256 $(DEMO_SOURCES)
+	$(BIN)/exl2 quantize $(DEMO_MODEL) -o work/default --bpw 3.0,4.0,5.0 --rows 16 --length 256 $(DEMO_SOURCES)
+
+bench: $(STAMP)
+	$(BIN)/python -m pipeline.bench
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
