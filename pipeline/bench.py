@@ -127,18 +127,22 @@ def markdown(results: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("which", nargs="*", default=["default", "streaming"], choices=["default", "streaming"])
+    parser.add_argument("which", nargs="*", help="default, streaming (default: both)")
     parser.add_argument("--work", default="bench/work")
     parser.add_argument("--rows", type=int, default=16, help="measurement rows")
     parser.add_argument("--quant-rows", type=int, default=32)
     parser.add_argument("--length", type=int, default=512)
     parser.add_argument("--eval-rows", type=int, default=8)
     parser.add_argument("--bpw", type=lambda s: [float(x) for x in s.split(",")], default=[3.0, 4.0, 5.0, 6.0, 8.0])
-    parser.add_argument("--stream-layers", type=int, default=24)
+    parser.add_argument("--stream-layers", type=int, default=80)
     parser.add_argument("--stream-hidden", type=int, default=1024)
-    parser.add_argument("--cap-mib", type=int, default=512)
+    parser.add_argument("--cap-mib", type=int, default=768)
     parser.add_argument("--force", action="store_true", help="redo stages even when up to date")
     args = parser.parse_args(argv)
+    args.which = args.which or ["default", "streaming"]
+    unknown = set(args.which) - {"default", "streaming"}
+    if unknown:
+        parser.error(f"unknown benchmark {sorted(unknown)}; choose default or streaming")
     results: dict[str, Any] = {
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                     "cpus": torch.get_num_threads(), "torch": torch.__version__,

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -255,6 +256,7 @@ def _quantize_one(
             return _result_from_disk(out_dir, saved, marker)
     write_json(strategy_path, {"inputs": inputs, "strategy": strategy.to_json()})
     remove_tree(tensors_dir)
+    started = time.perf_counter()
     with MeasureUsage() as usage:
         stats = quantize_model(
             adapter, calset, strategy.to_json()["strategy"], head_bits=head_bits, tensors_dir=tensors_dir,
@@ -274,6 +276,10 @@ def _quantize_one(
             "achieved_bpw": round(stats.bpw, 4),
             "head_bpw": round(stats.head_bpw, 4),
             "expected_max_error": strategy.max_err,
+            # The quantize pass so far (compile adds its own time); the measurement's cost is in its meta file.
+            "quantize_seconds": round(time.perf_counter() - started, 2),
+            "quantize_peak_rss_bytes": usage.peak_rss_bytes,
+            "device": device,
         }
         result = compile_quant(
             adapter, tensors_dir, out_dir, quantization_config=quantization_config, provenance=provenance,

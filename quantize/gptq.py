@@ -103,7 +103,8 @@ def prepare(hessian: torch.Tensor, *, percdamp: float = PERCDAMP) -> PreparedHes
         raise QuantizationError("Hessian has NaN or inf entries (calibration activations overflowed?)")
     h = hessian.detach().float()
     perm = torch.argsort(h.diagonal(), descending=True, stable=True)
-    h = h[perm][:, perm]
+    h = h.index_select(0, perm)
+    h = h.index_select(1, perm)
     damp = torch.clamp(percdamp * torch.mean(h.diagonal()), min=DAMP_FLOOR)
     for tries in range(1, DAMP_TRIES + 1):
         h.diagonal().add_(damp)
@@ -119,6 +120,7 @@ def _inverse_cholesky(h: torch.Tensor) -> torch.Tensor | None:
     if int(info) != 0:
         return None
     inverse = torch.cholesky_inverse(lower)
+    del lower  # K x K each: keep at most two alive
     # A large ill-conditioned H can come back NaN without an error being raised.
     if not bool(torch.isfinite(inverse).all()):
         return None

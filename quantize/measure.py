@@ -22,7 +22,8 @@ from quantize import candidates as cand
 from quantize.adapters import ModelAdapter
 from quantize.format import total_bits
 from quantize.gptq import HessianAccumulator, PreparedHessian, gptq_quantize, prepare
-from quantize.modeling import LayerwiseLM
+from quantize.memory import release_memory
+from quantize.modeling import LayerwiseLM, check_layer_weights
 from quantize.progress import NullProgress, Progress
 from quantize.qparams import QParams
 from quantize.states import SLOTS, SlotSpec, initial_states, row_chunks, slot_forward, to_state
@@ -56,8 +57,14 @@ class LayerContext:
 
 def layer_weights(lm: LayerwiseLM, index: int) -> dict[str, torch.Tensor]:
     """A layer's weights on the device in the compute dtype, rounded through fp16 first: exllamav2 reads every
-    weight as fp16, so measurement and quantization see exactly the values its files are made from."""
-    return {name: t.half().to(lm.compute_dtype) for name, t in lm.layer_weights(index).items()}
+    weight as fp16, so measurement and quantization see exactly the values its files are made from. Converted one
+    tensor at a time, so the transient copies stay the size of one tensor."""
+    source = lm.weights.layer(index)
+    check_layer_weights(lm.cfg, source, layer=index)
+    weights = {}
+    for name in list(source):
+        weights[name] = source.pop(name).to(lm.device).half().to(lm.compute_dtype)
+    return weights
 
 
 def capture_hessians(
@@ -77,7 +84,11 @@ def capture_hessians(
     for rows in row_chunks(states.shape[0], states.shape[1]):
         hidden = states[rows].to(ctx.lm.device, ctx.lm.compute_dtype)
         outputs[rows] = to_state(slot_forward(ctx.cfg, slot, weights, hidden, ctx.rope, capture=capture), states.dtype)
-    return outputs, {name: prepare(acc.hessian()) for name, acc in accumulators.items()}
+    prepared = {}
+    for name in sources:
+        # One K x K Hessian alive at a time: the accumulator goes as soon as its factor exists.
+        prepared[name] = prepare(accumulators.pop(name).hessian())
+    return outputs, prepared
 
 
 def relative_error(
@@ -151,6 +162,7 @@ def measure(
             result[key], states = measure_slot(ctx, slot, weights, states, key)
             best = max(e["accuracy"] for e in result[key])
             progress.advance("measure", layer=index, slot=slot.mode, best_accuracy=round(best, 6))
+            release_memory()
         del weights
     result[f"{prefix}norm.norm"] = None
     result[f"{exl2_head_key(adapter)}.linear"] = None

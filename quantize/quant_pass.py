@@ -24,6 +24,7 @@ from quantize.candidates import head_config
 from quantize.format import pack, total_bits
 from quantize.gptq import HessianAccumulator, gptq_quantize, prepare
 from quantize.measure import LayerContext, capture_hessians, exl2_prefix, layer_weights, relative_error
+from quantize.memory import release_memory
 from quantize.modeling import LayerwiseLM, rms_norm
 from quantize.progress import NullProgress, Progress
 from quantize.qparams import QParams
@@ -158,6 +159,7 @@ def quantize_model(
                 ctx, slot, weights, states, index=index, configs=configs, tensors_dir=tensors_dir, stats=stats
             )
             progress.advance("quantize", layer=index, slot=slot.mode, rel_error=round(stats.slot_errors[key], 6))
+            release_memory()
         del weights
     quantize_head(ctx, states, head_bits, tensors_dir, stats)
     progress.advance("quantize", module="lm_head", head_bpw=round(stats.head_bpw, 4))
