@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 DEMO_MODEL = "$$($(BIN)/exl2 model path)"
-DEMO_SOURCES = -s exl2-default -s "sample-images#weight=0.25,max_edge=128"
+DEMO_SOURCES = -s exl2-default -s "sample-images\#weight=0.25,max_edge=128"
 
 demo: $(STAMP)
 	$(BIN)/exl2 model build-default
