@@ -97,14 +97,19 @@ def relative_error(
     weights: Mapping[str, torch.Tensor],
     states: torch.Tensor,
     reference: torch.Tensor,
+    *,
+    outputs: torch.Tensor | None = None,
 ) -> float:
-    """Mean over rows of ||slot(x; weights) - reference||_F / ||reference||_F."""
+    """Mean over rows of ||slot(x; weights) - reference||_F / ||reference||_F; the slot's outputs are also written
+    into `outputs` (host memory, the states' dtype) when given, so a caller needing both runs the slot once."""
     total = 0.0
     for rows in row_chunks(states.shape[0], states.shape[1]):
         hidden = states[rows].to(ctx.lm.device, ctx.lm.compute_dtype)
         out = slot_forward(ctx.cfg, slot, weights, hidden, ctx.rope)
         ref = reference[rows].to(out.device, out.dtype)
         total += float(((out - ref).flatten(1).norm(dim=1) / ref.flatten(1).norm(dim=1).clamp_min(1e-12)).sum())
+        if outputs is not None:
+            outputs[rows] = to_state(out, outputs.dtype)
     return total / states.shape[0]
 
 

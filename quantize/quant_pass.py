@@ -28,7 +28,7 @@ from quantize.memory import release_memory
 from quantize.modeling import LayerwiseLM, rms_norm
 from quantize.progress import NullProgress, Progress
 from quantize.qparams import QParams
-from quantize.states import SLOTS, SlotSpec, initial_states, row_chunks, slot_forward, to_state
+from quantize.states import SLOTS, SlotSpec, initial_states, row_chunks
 
 log = logging.getLogger(__name__)
 
@@ -99,11 +99,8 @@ def quantize_slot(
         # exllamav2's budget counts output features padded to a multiple of 32.
         stats.linear_numel += weight.shape[1] * (-(-weight.shape[0] // 32) * 32)
     key = f"{exl2_prefix(ctx.adapter)}layers.{index}.{slot.mode}"
-    stats.slot_errors[key] = relative_error(ctx, slot, weights, states, reference)
     out = torch.empty_like(states)
-    for rows in row_chunks(states.shape[0], states.shape[1]):
-        hidden = states[rows].to(ctx.lm.device, ctx.lm.compute_dtype)
-        out[rows] = to_state(slot_forward(ctx.cfg, slot, weights, hidden, ctx.rope), states.dtype)
+    stats.slot_errors[key] = relative_error(ctx, slot, weights, states, reference, outputs=out)
     return out
 
 
