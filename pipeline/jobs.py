@@ -76,18 +76,11 @@ def check_model_fits_format(adapter: ModelAdapter) -> None:
     from quantize.format import check_writable
 
     t = adapter.text
-    q, kv = t.num_attention_heads * t.head_dim, t.num_key_value_heads * t.head_dim
-    shapes = {
-        "q_proj": (t.hidden_size, q),
-        "k_proj": (t.hidden_size, kv),
-        "o_proj": (q, t.hidden_size),
-        "gate_proj": (t.hidden_size, t.intermediate_size),
-        "down_proj": (t.intermediate_size, t.hidden_size),
-        "lm_head": (t.hidden_size, t.vocab_size),
-    }
-    for name, (k_in, n_out) in shapes.items():
+    shapes = {linear: (k_in, n_out, t.linear_has_bias(linear)) for linear, (n_out, k_in) in t.linear_shapes().items()}
+    shapes["lm_head"] = (t.hidden_size, t.vocab_size, False)
+    for name, (k_in, n_out, has_bias) in shapes.items():
         try:
-            check_writable(k_in, n_out, has_bias=t.attention_bias and name.endswith(("q_proj", "k_proj")))
+            check_writable(k_in, n_out, has_bias=has_bias)
         except Exl2Error as exc:
             raise JobError(f"{adapter.model_dir}: {name} ({k_in} -> {n_out}) cannot be stored as EXL2: {exc}") from exc
 

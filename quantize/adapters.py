@@ -237,24 +237,14 @@ class ModelAdapter:
     def expected_layer_shapes(self) -> dict[str, tuple[int, ...]]:
         """Canonical per-layer tensor names -> shapes the config implies (biases only where the config has them)."""
         t = self.text
-        q, kv = t.num_attention_heads * t.head_dim, t.num_key_value_heads * t.head_dim
         shapes: dict[str, tuple[int, ...]] = {
             "input_layernorm.weight": (t.hidden_size,),
             "post_attention_layernorm.weight": (t.hidden_size,),
-            "self_attn.q_proj.weight": (q, t.hidden_size),
-            "self_attn.k_proj.weight": (kv, t.hidden_size),
-            "self_attn.v_proj.weight": (kv, t.hidden_size),
-            "self_attn.o_proj.weight": (t.hidden_size, q),
-            "mlp.gate_proj.weight": (t.intermediate_size, t.hidden_size),
-            "mlp.up_proj.weight": (t.intermediate_size, t.hidden_size),
-            "mlp.down_proj.weight": (t.hidden_size, t.intermediate_size),
         }
-        if t.attention_bias:
-            pairs = (("q", q), ("k", kv), ("v", kv), ("o", t.hidden_size))
-            shapes |= {f"self_attn.{p}_proj.bias": (n,) for p, n in pairs}
-        if t.mlp_bias:
-            shapes |= {"mlp.gate_proj.bias": (t.intermediate_size,), "mlp.up_proj.bias": (t.intermediate_size,)}
-            shapes["mlp.down_proj.bias"] = (t.hidden_size,)
+        for linear, (n_out, k_in) in t.linear_shapes().items():
+            shapes[f"{linear}.weight"] = (n_out, k_in)
+            if t.linear_has_bias(linear):
+                shapes[f"{linear}.bias"] = (n_out,)
         return shapes
 
     def _check_shapes(self) -> None:

@@ -18,15 +18,6 @@ from quantize.format import dequantize_tensors
 from quantize.safetensors_io import SafetensorsIndex
 from quantize.textconfig import TextConfig
 
-_LINEARS = (
-    "self_attn.q_proj",
-    "self_attn.k_proj",
-    "self_attn.v_proj",
-    "self_attn.o_proj",
-    "mlp.gate_proj",
-    "mlp.up_proj",
-    "mlp.down_proj",
-)
 _Q_SUFFIXES = ("q_weight", "q_scale", "q_scale_max", "q_groups", "q_invperm")
 
 
@@ -58,18 +49,6 @@ class Exl2Weights:
         tensors = {s: self.files.get(f"{module}.{s}") for s in _Q_SUFFIXES}
         return dequantize_tensors(tensors, out_features, key=module)
 
-    def _out_features(self, linear: str) -> int:
-        t = self.text
-        return {
-            "self_attn.q_proj": t.num_attention_heads * t.head_dim,
-            "self_attn.k_proj": t.num_key_value_heads * t.head_dim,
-            "self_attn.v_proj": t.num_key_value_heads * t.head_dim,
-            "self_attn.o_proj": t.hidden_size,
-            "mlp.gate_proj": t.intermediate_size,
-            "mlp.up_proj": t.intermediate_size,
-            "mlp.down_proj": t.hidden_size,
-        }[linear]
-
     def embed_tokens(self) -> torch.Tensor:
         return self._plain(f"{self.prefix}embed_tokens.weight")
 
@@ -79,10 +58,10 @@ class Exl2Weights:
             "input_layernorm.weight": self._plain(f"{base}input_layernorm.weight"),
             "post_attention_layernorm.weight": self._plain(f"{base}post_attention_layernorm.weight"),
         }
-        for linear in _LINEARS:
-            weights[f"{linear}.weight"] = self.linear(base + linear, self._out_features(linear))
+        for linear, (n_out, _) in self.text.linear_shapes().items():
+            weights[f"{linear}.weight"] = self.linear(base + linear, n_out)
             if f"{base}{linear}.bias" in self.files:
-                weights[f"{linear}.bias"] = self._plain(f"{base}{linear}.bias")[: self._out_features(linear)]
+                weights[f"{linear}.bias"] = self._plain(f"{base}{linear}.bias")[:n_out]
         return weights
 
     def final_norm(self) -> torch.Tensor:

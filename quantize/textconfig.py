@@ -65,3 +65,19 @@ class TextConfig:
             hidden_act=str(text.get("hidden_act", "silu")),
             sliding_window=int(text["sliding_window"]) if text.get("sliding_window") else None,
         )
+
+    def linear_shapes(self) -> dict[str, tuple[int, int]]:
+        """Each decoder linear's canonical name -> nn.Linear weight shape (out_features, in_features)."""
+        q, kv = self.num_attention_heads * self.head_dim, self.num_key_value_heads * self.head_dim
+        return {
+            "self_attn.q_proj": (q, self.hidden_size),
+            "self_attn.k_proj": (kv, self.hidden_size),
+            "self_attn.v_proj": (kv, self.hidden_size),
+            "self_attn.o_proj": (self.hidden_size, q),
+            "mlp.gate_proj": (self.intermediate_size, self.hidden_size),
+            "mlp.up_proj": (self.intermediate_size, self.hidden_size),
+            "mlp.down_proj": (self.hidden_size, self.intermediate_size),
+        }
+
+    def linear_has_bias(self, linear: str) -> bool:
+        return self.attention_bias if linear.startswith("self_attn.") else self.mlp_bias
