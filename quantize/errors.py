@@ -29,3 +29,15 @@ class AssetError(Exl2Error):
 
 class CudaRequiredError(Exl2Error):
     """Something that only runs on a CUDA GPU (the exllamav2 engine) was asked for on a machine without one."""
+
+
+class EvalError(Exl2Error):
+    """An evaluation set is missing, malformed, overlaps the calibration text, or does not fit the model."""
+
+
+class ReportError(Exl2Error):
+    """A report file is missing or does not have the columns of a report."""
+
+
+class RecipeError(Exl2Error):
+    """A recipe file is unreadable, includes itself, or does not validate."""
