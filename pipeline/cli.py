@@ -23,6 +23,10 @@ model_app = typer.Typer(help="The built-in default model.", no_args_is_help=True
 calibration_app = typer.Typer(help="Calibration sets.", no_args_is_help=True)
 app.add_typer(model_app, name="model")
 app.add_typer(calibration_app, name="calibration")
+report_app = typer.Typer(
+    help="Quality reports: one run's table and plots, or several runs compared.", no_args_is_help=True
+)
+app.add_typer(report_app, name="report")
 
 # Batch jobs log to files: give tables room there instead of rich's 80-column default for non-terminals.
 console = Console(width=None if sys.stdout.isatty() else 140)
@@ -239,6 +243,124 @@ def quantize(
         table.add_row(*(str(r[c]) for c in ("quant", "target_bpw", "bpw", "head_bpw", "size_mib", "wall_s",
                                               "peak_rss_mib", "path")))  # fmt: skip
     console.print(table)
+
+
+def _parse_vqa(items: list[str] | None, *, limit: int) -> list[Any]:
+    """`NAME=SOURCE` or `NAME:KIND=SOURCE`; a NAME that is a preset kind (chartqa, docvqa...) is also its kind."""
+    from eval.config import VqaSetSpec
+
+    specs = []
+    for item in items or []:
+        name, sep, source = item.partition("=")
+        if not sep or not name or not source:
+            raise typer.BadParameter(f"'{item}' is not NAME=SOURCE, e.g. chartqa=hf:HuggingFaceM4/ChartQA@test")
+        name, _, kind = name.partition(":")
+        kind = kind or (name if name in ("chartqa", "docvqa", "textvqa", "vqav2", "ai2d") else "custom")
+        specs.append(VqaSetSpec(name=name, source=source, kind=kind, limit=limit))  # type: ignore[arg-type]
+    return specs
+
+
+def _print_report(frame: Any, files: Any) -> None:
+    from eval.report import markdown_table
+
+    console.print(markdown_table(frame), highlight=False, soft_wrap=True)
+    for kind in ("csv", "markdown", "html"):
+        console.print(f"{kind}: {getattr(files, kind)}", highlight=False, soft_wrap=True)
+
+
+@app.command("eval")
+def evaluate(
+    model_dir: ModelDir,
+    out: WorkDir,
+    quant: Annotated[
+        list[Path] | None, typer.Option("--quant", "-q", help="Quant folder, repeatable (default: all in OUT/quants).")
+    ] = None,
+    text_source: Annotated[
+        str, typer.Option(help="Held-out text: pydoc-topics, text:, jsonl:, hf:...")
+    ] = "pydoc-topics",
+    text_rows: Annotated[int, typer.Option(help="Text windows (0: no text metrics).")] = 8,
+    text_length: Annotated[int, typer.Option(help="Tokens per text window.")] = 512,
+    images: Annotated[int, typer.Option(help="Built-in image prompts (0: none).")] = 16,
+    image_max_edge: Annotated[int | None, typer.Option(help="Resize images to this longest edge.")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Greedy answer length for image prompts.")] = 24,
+    vqa: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Labelled VQA set NAME[:KIND]=SOURCE, repeatable, e.g. chartqa=hf:HuggingFaceM4/ChartQA@test"
+        ),
+    ] = None,
+    vqa_limit: Annotated[int, typer.Option(help="Items scored per VQA set.")] = 100,
+    engine: Annotated[str, typer.Option(help="torch (CPU or CUDA) or exllamav2 (CUDA).")] = "torch",
+    device: Device = "auto",
+    top_k: Annotated[int, typer.Option(help="Reference tokens kept per position (KL over top-K + rest).")] = 128,
+    run_name: Annotated[str | None, typer.Option(help="Run name in the report (default: OUT's name).")] = None,
+    force: Annotated[bool, typer.Option(help="Evaluate again even if up to date.")] = False,
+    cache_dir: CacheDir = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Evaluate the full-precision model and each quant (perplexity, KL, agreement, image prompts, VQA) and write
+    OUT/report/ (CSV, Markdown, HTML with plots)."""
+    from eval.config import EvalSpec, ImageEvalSpec, TextEvalSpec
+    from pipeline.evaluation import run_eval
+
+    spec = EvalSpec(
+        text=TextEvalSpec(source=text_source, rows=text_rows, length=text_length) if text_rows > 0 else None,
+        images=ImageEvalSpec(count=images, max_edge=image_max_edge, max_new_tokens=max_new_tokens) if images else None,
+        vqa=_parse_vqa(vqa, limit=vqa_limit),
+        engine=engine,  # type: ignore[arg-type]
+        device=device,
+        top_k=top_k,
+    )
+    with _progress(as_json) as progress:
+        result = run_eval(
+            model_dir, out, spec, quants=quant, run_name=run_name, device=_device(device), cache_dir=cache_dir,
+            progress=progress, force=force,
+        )  # fmt: skip
+    if as_json:
+        typer.echo(json.dumps({"event": "result", "records": result.records}, default=str))
+        return
+    from eval.report import report_frame
+
+    _print_report(report_frame(result.records), result.report)
+    size = result.reference_bytes / 2**20
+    state = "reused" if result.reference_cached else "computed"
+    console.print(f"reference: {result.reference_dir} ({size:.2f} MiB, {state})", highlight=False, soft_wrap=True)
+
+
+@report_app.command("show")
+def report_show(
+    work_dir: Annotated[Path, typer.Argument(help="A work directory evaluated by `exl2 eval` or `exl2 run`.")],
+    as_json: JsonFlag = False,
+) -> None:
+    """Rebuild WORK_DIR/report/ from the saved evaluation rows and print the table."""
+    from pipeline.evaluation import rebuild_report
+
+    frame, files = rebuild_report(work_dir)
+    if as_json:
+        typer.echo(frame.to_json(orient="records"))
+        return
+    _print_report(frame, files)
+
+
+@report_app.command("compare")
+def report_compare(
+    runs: Annotated[list[Path], typer.Argument(help="Work dirs, report folders or report.csv files.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for compare.csv/.md/.html.")] = Path("work/compare"),
+    title: Annotated[str, typer.Option(help="Page title.")] = "EXL2 quants compared",
+    as_json: JsonFlag = False,
+) -> None:
+    """Join several runs' reports (models, calibrations, tool versions) into one table and one set of plots."""
+    from eval.report import compare_reports, markdown_table, summary_columns, write_comparison
+
+    frame = compare_reports(runs)
+    files = write_comparison(frame, out, title=title)
+    if as_json:
+        typer.echo(frame.to_json(orient="records"))
+        return
+    columns = summary_columns(frame)
+    console.print(markdown_table(frame, columns=["run", *columns]), highlight=False, soft_wrap=True)
+    for kind in ("csv", "markdown", "html"):
+        console.print(f"{kind}: {getattr(files, kind)}", highlight=False, soft_wrap=True)
 
 
 @model_app.command("path")
