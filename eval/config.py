@@ -73,4 +73,4 @@ class EvalSpec(BaseModel):
     vqa: list[VqaSetSpec] = Field(default_factory=list)
     engine: Literal["torch", "exllamav2"] = "torch"
     device: str = "auto"
-    top_k: int = Field(default=128, ge=8)
+    top_k: int = Field(default=2048, ge=8)

@@ -263,4 +263,4 @@ def _score_images(engine: EvalEngine, inputs: EvalInputs, reference: Reference) 
 
 
 def _slice(topk: TopK, rows: slice) -> TopK:
-    return TopK(topk.indices[rows], topk.logprobs[rows], topk.target_logprob[rows])
+    return topk.rows(rows)

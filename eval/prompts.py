@@ -6,7 +6,9 @@ window is scored on its own. The text must not overlap the calibration text: `ch
 any 32-token span of an evaluation window also occurs in a calibration row.
 
 Images: each prompt is the model's chat template around one image and a question, as the calibration image rows
-are built (`calibration.images.ImageContext`).
+are built (`calibration.images.ImageContext`). Every image is first resized to fit the longest edge with both
+sides a multiple of twice the effective patch: the Hugging Face processor rounds sides up to the patch, exllamav2
+to twice the patch, and only an image both leave as it is gives the same token grid in either engine.
 """
 
 from __future__ import annotations
@@ -99,10 +101,28 @@ class ImagePrompt:
     question: str
 
 
+def fit_image(image: Image.Image, *, longest_edge: int, step: int) -> Image.Image:
+    """The image scaled down (never up) to fit `longest_edge`, each side then floored to a multiple of `step`."""
+    width, height = image.size
+    ratio = max(width / longest_edge, height / longest_edge, 1.0)
+    width, height = int(width / ratio), int(height / ratio)
+    size = (max(step, width // step * step), max(step, height // step * step))
+    return image if size == image.size else image.resize(size, Image.Resampling.BICUBIC)
+
+
+def _longest_edge(context: ImageContext, max_edge: int | None) -> int:
+    if max_edge is not None:
+        return max_edge
+    size = context.processor_config.get("size") or {}
+    return int(size.get("longest_edge") or 1024)
+
+
 def image_sequence(
     context: ImageContext, tokenizer: Any, image: Image.Image, question: str, *, max_edge: int | None
 ) -> EvalSequence:
     """The chat prompt [image, question] with the generation prompt, ready for the answer's first token."""
+    image = fit_image(image.convert("RGB"), longest_edge=_longest_edge(context, max_edge),
+                      step=2 * context.effective_patch)  # fmt: skip
     try:
         processed = context.process_image(image, max_edge=max_edge)
         prompt, _reason = context.prompt_ids(tokenizer, question, None)

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from eval.engine import EvalEngine
 from eval.evaluate import EvalInputs, Reference, compute_reference
-from eval.metrics import METRICS_VERSION, TopK
+from eval.metrics import METRICS_VERSION, TOPK_FIELDS, TopK
 
 log = logging.getLogger(__name__)
 
@@ -33,9 +33,8 @@ def _flatten(reference: Reference) -> dict[str, torch.Tensor]:
     tensors: dict[str, torch.Tensor] = {}
     for part, topk in (("text", reference.text), ("image", reference.image)):
         if topk is not None:
-            tensors[f"{part}.indices"] = topk.indices.contiguous()
-            tensors[f"{part}.logprobs"] = topk.logprobs.contiguous()
-            tensors[f"{part}.target_logprob"] = topk.target_logprob.contiguous()
+            for name in TOPK_FIELDS:
+                tensors[f"{part}.{name}"] = getattr(topk, name).contiguous()
     if reference.answers:
         lengths = torch.tensor([len(a) for a in reference.answers], dtype=torch.int64)
         tensors["image.answer_lengths"] = lengths
@@ -60,10 +59,13 @@ def save_reference(reference: Reference, folder: Path) -> int:
 
 def load_reference(folder: Path, key: str) -> Reference | None:
     """The cached reference for `key`, or None when there is none (or it is for another key)."""
+    if not (folder / "reference.json").is_file():
+        return None
     try:
         meta = json.loads((folder / "reference.json").read_text())
         tensors = load_file(str(folder / "reference.safetensors"))
-    except (OSError, json.JSONDecodeError, ValueError):
+    except Exception as exc:  # a damaged entry (truncated file, SafetensorError, bad JSON) is recomputed
+        log.warning("reference cache entry %s is unreadable (%s); computing it again", folder, exc)
         return None
     if meta.get("key") != key:
         return None
@@ -71,7 +73,7 @@ def load_reference(folder: Path, key: str) -> Reference | None:
     def topk(part: str) -> TopK | None:
         if f"{part}.indices" not in tensors:
             return None
-        return TopK(tensors[f"{part}.indices"], tensors[f"{part}.logprobs"], tensors[f"{part}.target_logprob"])
+        return TopK(*(tensors[f"{part}.{name}"] for name in TOPK_FIELDS))
 
     answers: list[list[int]] = []
     if "image.answer_lengths" in tensors:
