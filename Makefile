@@ -17,14 +17,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[dev]" "$(TORCH_SPEC)"
 	touch $(STAMP)
 
-DEMO_MODEL = "$$($(BIN)/exl2 model path)"
-DEMO_SOURCES = -s exl2-default -s "sample-images\#weight=0.25,max_edge=128"
-
+# The default recipe end to end: build the model, measure, quantize to 3.0/4.0/5.0 bpw, evaluate, report.
 demo: $(STAMP)
 	$(BIN)/exl2 model build-default
-	$(BIN)/exl2 inspect $(DEMO_MODEL)
-	$(BIN)/exl2 measure $(DEMO_MODEL) -o work/default --rows 8 --length 256 $(DEMO_SOURCES)
-	$(BIN)/exl2 quantize $(DEMO_MODEL) -o work/default --bpw 3.0,4.0,5.0 --rows 16 --length 256 $(DEMO_SOURCES)
+	$(BIN)/exl2 inspect "$$($(BIN)/exl2 model path)"
+	$(BIN)/exl2 run recipes/default.yaml
 
 bench: $(STAMP)
 	$(BIN)/python -m pipeline.bench

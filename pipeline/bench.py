@@ -1,10 +1,13 @@
 """`make bench`: time and peak memory of measurement and of each quant, and the streaming bound.
 
-Two benchmarks, each printing a Markdown table and writing JSON under `bench/results/`:
+Three benchmarks, each printing a Markdown table and writing JSON under `bench/results/`:
 
+* `demo`: `make demo`'s recipe (recipes/default.yaml) end to end from an empty cache and work dir (the default
+  model built from the SmolLM2 wheel, calibration sets, measurement, three quants, reference, evaluation, report),
+  in a child process; the figure the README's "under 10 minutes" rests on.
 * `default`: the built-in default model: one measurement, then quants at 3.0, 4.0, 5.0, 6.0 and 8.0 bpw from it,
-  each evaluated against the full-precision model on held-out text (Python's help topics, which no calibration
-  source contains): KL divergence KL(P_fp || P_quant) per token, mean over tokens, and perplexity.
+  each evaluated by the evaluation stage (`pipeline.evaluation`) on held-out text (Python's help topics, which no
+  calibration source contains) and on the 16 built-in image prompts.
 * `streaming`: a synthetic Llama several times larger than a memory cap is quantized in a child process whose
   resident memory is sampled; the stage's peak growth over the process's start-up must stay under the cap.
 """
@@ -13,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 import subprocess
 import sys
@@ -28,40 +30,12 @@ from pipeline.resources import MeasureUsage
 RESULTS = Path("bench/results")
 
 
-def held_out_ids(tokenizer: Any, *, rows: int, length: int) -> torch.Tensor:
-    """Windows of Python's help topics (never used for calibration), tokenized without special tokens."""
-    from pydoc_data.topics import topics
-
-    text = "\n\n".join(topics[k] for k in sorted(topics))
-    ids = tokenizer(text, add_special_tokens=False).input_ids
-    if len(ids) < rows * length:
-        raise ValueError(f"held-out text has {len(ids)} tokens; {rows} x {length} needed")
-    return torch.tensor(ids[: rows * length]).view(rows, length)
-
-
-@torch.no_grad()
-def kl_and_ppl(reference: Any, candidate: Any, ids: torch.Tensor, *, chunk: int = 2) -> tuple[float, float, float]:
-    """Mean KL(P_ref || P_cand) per predicted token, and the perplexity of each, over rows of `ids`."""
-    kl_sum, nll_ref, nll_cand, count = 0.0, 0.0, 0.0, 0
-    for start in range(0, ids.shape[0], chunk):
-        rows = ids[start : start + chunk]
-        p = torch.log_softmax(reference(rows)[:, :-1].float(), -1)
-        q = torch.log_softmax(candidate(rows)[:, :-1].float(), -1)
-        target = rows[:, 1:].unsqueeze(-1)
-        kl_sum += float((p.exp() * (p - q)).sum(-1).sum())
-        nll_ref -= float(p.gather(-1, target).sum())
-        nll_cand -= float(q.gather(-1, target).sum())
-        count += target.numel()
-    return kl_sum / count, math.exp(nll_ref / count), math.exp(nll_cand / count)
-
-
 def bench_default(args: argparse.Namespace) -> dict[str, Any]:
-    from pipeline.calibrate import load_tokenizer, make_spec
+    from eval.config import EvalSpec, ImageEvalSpec, TextEvalSpec
+    from pipeline.calibrate import make_spec
     from pipeline.default_model import build_default_model
+    from pipeline.evaluation import run_eval
     from pipeline.jobs import run_measure, run_quantize
-    from quantize.adapters import load_adapter
-    from quantize.exl2_model import Exl2Weights
-    from quantize.modeling import LayerwiseLM
 
     model_dir = build_default_model()
     work = Path(args.work) / "default"
@@ -70,22 +44,54 @@ def bench_default(args: argparse.Namespace) -> dict[str, Any]:
     quant_spec = make_spec(sources, rows=args.quant_rows, length=args.length, seed=0)
     measured = run_measure(model_dir, work, measure_spec, force=args.force)
     quants = run_quantize(model_dir, work, args.bpw, quant_spec, force=args.force, command="make bench")
-    adapter = load_adapter(model_dir)
-    ids = held_out_ids(load_tokenizer(model_dir), rows=args.eval_rows, length=args.length)
-    reference = LayerwiseLM(adapter.text, adapter)
+    spec = EvalSpec(text=TextEvalSpec(rows=args.eval_rows, length=args.length),
+                    images=ImageEvalSpec(count=16, max_edge=128, max_new_tokens=16), device="cpu")  # fmt: skip
+    evaluation = run_eval(model_dir, work, spec, quants=[q.out_dir for q in quants], run_name="bench-default",
+                          force=args.force)  # fmt: skip
+    usage = {q.name: q.usage.as_dict() for q in quants}
+    keep = ("quant", "bpw", "head_bpw", "size_mib", "ppl", "kl_mean", "kl_p99", "top1_agreement", "top5_agreement",
+            "image_kl_mean", "image_answer_agreement", "eval_wall_s")  # fmt: skip
     rows = []
-    for q in quants:
-        weights = Exl2Weights(q.out_dir)
-        kl, ppl_fp, ppl_q = kl_and_ppl(reference, LayerwiseLM(weights.text, weights), ids)
-        rows.append({"quant": q.name, "bpw": round(q.bpw, 3), "head_bpw": round(q.head_bpw, 3),
-                     "size_mib": round(q.size_bytes / 2**20, 1), "kl": round(kl, 5), "ppl": round(ppl_q, 3),
-                     "ppl_fp": round(ppl_fp, 3), **q.usage.as_dict()})  # fmt: skip
+    for record in evaluation.records:
+        row = {k: _rounded(record.get(k)) for k in keep}
+        row["size_mib"] = round(record["size_bytes"] / 2**20, 1)
+        rows.append({**row, **usage.get(record["quant"], {})})
     return {
         "measurement": {"rows": args.rows, "length": args.length, **measured.usage.as_dict()},
         "quant_rows": args.quant_rows,
-        "eval": {"rows": args.eval_rows, "length": args.length, "text": "pydoc_data.topics"},
+        "eval": {"rows": args.eval_rows, "length": args.length, "text": "pydoc-topics", "image_prompts": 16,
+                 "reference_mib": round(evaluation.reference_bytes / 2**20, 2), "report": str(evaluation.report.html)},
         "quants": rows,
-    }
+    }  # fmt: skip
+
+
+def _rounded(value: Any) -> Any:
+    return round(value, 5) if isinstance(value, float) else value
+
+
+def bench_demo(args: argparse.Namespace) -> dict[str, Any]:
+    """`make demo`'s commands with an empty cache (only the SmolLM2 .gguf copied in) and an empty work dir."""
+    import os
+    import shutil
+
+    from pipeline.assets import cache_root
+
+    root = Path(args.work).resolve() / "demo"
+    shutil.rmtree(root, ignore_errors=True)
+    (root / "cache" / "assets").mkdir(parents=True)
+    for gguf in (cache_root() / "assets").glob("*.gguf"):
+        shutil.copy(gguf, root / "cache" / "assets" / gguf.name)  # the wheel download is an install, not the demo
+    env = {**os.environ, "EXL2_CACHE": str(root / "cache")}
+    exl2 = [sys.executable, "-m", "pipeline.cli"]
+    steps = [[*exl2, "model", "build-default"], [*exl2, "run", "recipes/default.yaml", "-o", str(root / "work")]]
+    started = time.perf_counter()
+    for cmd in steps:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if proc.returncode != 0:
+            raise RuntimeError(f"demo step {' '.join(cmd[2:])} failed:\n{proc.stderr[-2000:]}")
+    run = json.loads((root / "work" / "run.json").read_text())
+    return {"wall_s": round(time.perf_counter() - started, 1),
+            "stages": {name: info["wall_s"] for name, info in run["stages"].items()}}  # fmt: skip
 
 
 def bench_streaming(args: argparse.Namespace) -> dict[str, Any]:
@@ -99,21 +105,42 @@ def bench_streaming(args: argparse.Namespace) -> dict[str, Any]:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+BENCH_COLUMNS = (
+    "quant",
+    "bpw",
+    "head_bpw",
+    "size_mib",
+    "ppl",
+    "kl_mean",
+    "kl_p99",
+    "top1_agreement",
+    "top5_agreement",
+    "image_kl_mean",
+    "image_answer_agreement",
+    "wall_s",
+    "peak_rss_mib",
+    "eval_wall_s",
+)
+
+
 def markdown(results: dict[str, Any]) -> str:
     lines = []
+    if "demo" in results:
+        d = results["demo"]
+        stages = ", ".join(f"{k} {v} s" for k, v in d["stages"].items())
+        lines += [f"demo (recipes/default.yaml from an empty cache): {d['wall_s']} s ({stages})", ""]
     if "default" in results:
         d = results["default"]
         m = d["measurement"]
+        cols = BENCH_COLUMNS
         lines += [
             f"measurement ({m['rows']} rows x {m['length']} tokens): {m['wall_s']} s, peak RSS {m['peak_rss_mib']} MiB",
             "",
-            "| quant | bpw | head bpw | size MiB | KL vs fp | ppl (fp " + str(d["quants"][0]["ppl_fp"]) + ") | "
-            "quant time s | peak RSS MiB |",
-            "|---|---|---|---|---|---|---|---|",
+            "| " + " | ".join(cols) + " |",
+            "|" + "---|" * len(cols),
         ]
         for r in d["quants"]:
-            lines.append(f"| {r['quant']} | {r['bpw']} | {r['head_bpw']} | {r['size_mib']} | {r['kl']} | {r['ppl']} | "
-                         f"{r['wall_s']} | {r['peak_rss_mib']} |")  # fmt: skip
+            lines.append("| " + " | ".join(str(r.get(c, "")) for c in cols) + " |")
     if "streaming" in results:
         s = results["streaming"]
         lines += [
@@ -127,7 +154,7 @@ def markdown(results: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("which", nargs="*", help="default, streaming (default: both)")
+    parser.add_argument("which", nargs="*", help="demo, default, streaming (default: all three)")
     parser.add_argument("--work", default="bench/work")
     parser.add_argument("--rows", type=int, default=16, help="measurement rows")
     parser.add_argument("--quant-rows", type=int, default=32)
@@ -139,10 +166,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cap-mib", type=int, default=768)
     parser.add_argument("--force", action="store_true", help="redo stages even when up to date")
     args = parser.parse_args(argv)
-    args.which = args.which or ["default", "streaming"]
-    unknown = set(args.which) - {"default", "streaming"}
+    args.which = args.which or ["demo", "default", "streaming"]
+    unknown = set(args.which) - {"demo", "default", "streaming"}
     if unknown:
-        parser.error(f"unknown benchmark {sorted(unknown)}; choose default or streaming")
+        parser.error(f"unknown benchmark {sorted(unknown)}; choose demo, default or streaming")
     results: dict[str, Any] = {
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                     "cpus": torch.get_num_threads(), "torch": torch.__version__,
@@ -150,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
         "date": time.strftime("%Y-%m-%d"),
     }  # fmt: skip
     with MeasureUsage() as usage:
+        if "demo" in args.which:
+            results["demo"] = bench_demo(args)
         if "default" in args.which:
             results["default"] = bench_default(args)
         if "streaming" in args.which:

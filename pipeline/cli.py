@@ -292,7 +292,7 @@ def evaluate(
     vqa_limit: Annotated[int, typer.Option(help="Items scored per VQA set.")] = 100,
     engine: Annotated[str, typer.Option(help="torch (CPU or CUDA) or exllamav2 (CUDA).")] = "torch",
     device: Device = "auto",
-    top_k: Annotated[int, typer.Option(help="Reference tokens kept per position (KL over top-K + rest).")] = 128,
+    top_k: Annotated[int, typer.Option(help="Reference tokens kept per position (KL over top-K + rest).")] = 2048,
     run_name: Annotated[str | None, typer.Option(help="Run name in the report (default: OUT's name).")] = None,
     force: Annotated[bool, typer.Option(help="Evaluate again even if up to date.")] = False,
     cache_dir: CacheDir = None,
@@ -363,6 +363,66 @@ def report_compare(
         console.print(f"{kind}: {getattr(files, kind)}", highlight=False, soft_wrap=True)
 
 
+def _parse_sets(items: list[str] | None) -> dict[str, Any]:
+    """`KEY=VALUE` pairs, the value read as YAML (`quantize.bpw=[4.0,5.0]`, `eval.images=null`)."""
+    import yaml
+
+    overrides: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"'{item}' is not KEY=VALUE, e.g. quantize.bpw=[4.0,5.0]")
+        overrides[key.strip()] = yaml.safe_load(value)
+    return overrides
+
+
+@app.command()
+def run(
+    recipe: Annotated[Path, typer.Argument(help="A recipe YAML file (see recipes/).")],
+    bpw: Annotated[str | None, typer.Option(help="Override the recipe's targets, comma-separated.")] = None,
+    work_dir: Annotated[Path | None, typer.Option("--work-dir", "-o", help="Override the work directory.")] = None,
+    device: Annotated[str | None, typer.Option(help="Override the device of measure and quantize.")] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Override any recipe key: KEY=VALUE (YAML value), repeatable.")
+    ] = None,
+    only: Annotated[str | None, typer.Option(help="Run only these stages: measure,quantize,eval.")] = None,
+    print_config: Annotated[bool, typer.Option(help="Print the resolved recipe and stop.")] = False,
+    force: Annotated[bool, typer.Option(help="Redo every stage even when up to date.")] = False,
+    cache_dir: CacheDir = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Run a recipe: build or fetch the model, measure, quantize to every target, evaluate, write the report."""
+    import yaml
+
+    from pipeline.recipe import load_recipe
+    from pipeline.run import STAGES, run_recipe
+
+    overrides = _parse_sets(set_)
+    if bpw is not None:
+        overrides["quantize.bpw"] = _parse_bpw(bpw)
+    if work_dir is not None:
+        overrides["work_dir"] = str(work_dir)
+    if device is not None:
+        overrides["device"] = device
+    loaded = load_recipe(recipe, overrides=overrides)
+    if print_config:
+        typer.echo(yaml.safe_dump(loaded.resolved(), sort_keys=False))
+        return
+    stages = [s.strip() for s in only.split(",")] if only else list(STAGES)
+    with _progress(as_json) as progress:
+        result = run_recipe(loaded, stages=stages, cache_dir=cache_dir, progress=progress, force=force)
+    if as_json:
+        typer.echo(json.dumps({"event": "result", "stages": result.stages}, default=str))
+        return
+    for name, info in result.stages.items():
+        console.print(f"{name}: {info.get('wall_s')} s", highlight=False)
+    if result.evaluation is not None:
+        from eval.report import report_frame
+
+        _print_report(report_frame(result.evaluation.records), result.evaluation.report)
+    console.print(f"work dir: {loaded.work_dir}", highlight=False, soft_wrap=True)
+
+
 @model_app.command("path")
 def default_path(cache_dir: CacheDir = None) -> None:
     """Print the default model's folder, building it first if needed."""
@@ -378,3 +438,7 @@ def main() -> None:
     except Exl2Error as exc:
         err_console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
         sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,112 @@
+"""`exl2 run RECIPE`: the stages of one recipe chained over its work directory.
+
+model → measure → quantize (every target) → eval (reference once, every quant) → report. Each stage skips itself
+when its artifact is complete and its inputs are unchanged, so rerunning a recipe after an interruption or after
+adding a target only does the missing work. The resolved recipe is saved as `work_dir/recipe.yaml`, and
+`work_dir/run.json` records each stage's outcome and time.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.jobs import write_json
+from pipeline.recipe import Recipe, resolve_model, save_resolved
+from quantize.errors import RecipeError
+from quantize.progress import NullProgress, Progress
+
+log = logging.getLogger(__name__)
+
+STAGES = ("measure", "quantize", "eval")
+
+
+@dataclass
+class RunResult:
+    recipe: Recipe
+    model_dir: Path
+    stages: dict[str, dict[str, Any]] = field(default_factory=dict)
+    evaluation: Any = None  # pipeline.evaluation.EvalRun when the eval stage ran
+
+
+def _device(name: str) -> str:
+    from quantize.engines import default_device
+
+    return str(default_device()) if name == "auto" else name
+
+
+def run_recipe(
+    recipe: Recipe,
+    *,
+    stages: Sequence[str] = STAGES,
+    cache_dir: Path | None = None,
+    progress: Progress | None = None,
+    force: bool = False,
+) -> RunResult:
+    """Run the recipe's stages in order (a subset with `stages`) and return what each did."""
+    from pipeline.evaluation import run_eval
+    from pipeline.jobs import run_measure, run_quantize
+
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        raise RecipeError(f"unknown stage(s) {', '.join(unknown)}; stages are {', '.join(STAGES)}")
+    progress = progress or NullProgress()
+    work = recipe.work_dir
+    work.mkdir(parents=True, exist_ok=True)
+    save_resolved(recipe, work / "recipe.yaml")
+    model_dir = resolve_model(recipe.model, cache_dir=cache_dir)
+    result = RunResult(recipe, model_dir)
+    device = _device(recipe.device)
+    command = " ".join(["exl2", *sys.argv[1:]]) if sys.argv else "exl2 run"
+    if "measure" in stages:
+        with _stage(result, "measure") as info:
+            measured = run_measure(model_dir, work, recipe.measure_calibration(), device=device, cache_dir=cache_dir,
+                                   progress=progress, force=force)  # fmt: skip
+            info.update(skipped=measured.skipped, path=str(measured.path))
+    if "quantize" in stages:
+        with _stage(result, "quantize") as info:
+            quants = run_quantize(
+                model_dir, work, recipe.quantize.bpw, recipe.quantize_calibration(),
+                head_bits=recipe.quantize.head_bits, seed=recipe.calibration.seed, device=device,
+                shard_size_mb=recipe.quantize.shard_size_mb, cache_dir=cache_dir, progress=progress,
+                command=command, force=force,
+            )  # fmt: skip
+            info.update(quants=[q.name for q in quants], skipped=[q.name for q in quants if q.skipped])
+    if "eval" in stages:
+        from pipeline.jobs import quant_name
+
+        names = [quant_name(b, recipe.quantize.head_bits) for b in recipe.quantize.bpw]
+        quant_dirs = [work / "quants" / n for n in names if (work / "quants" / n).is_dir()]
+        with _stage(result, "eval") as info:
+            result.evaluation = run_eval(
+                model_dir, work, recipe.eval, quants=quant_dirs, run_name=recipe.name,
+                device=_device(recipe.eval.device), cache_dir=cache_dir, progress=progress, force=force,
+            )  # fmt: skip
+            info.update(quants=[p.name for p in quant_dirs], report=str(result.evaluation.report.html))
+    write_json(work / "run.json", {"recipe": recipe.name, "fingerprint": recipe.fingerprint(),
+                                   "model_dir": str(model_dir), "stages": result.stages})  # fmt: skip
+    return result
+
+
+class _stage:
+    """Times one stage into result.stages[name] and logs it."""
+
+    def __init__(self, result: RunResult, name: str) -> None:
+        self.result, self.name = result, name
+
+    def __enter__(self) -> dict[str, Any]:
+        self.t0 = time.perf_counter()
+        self.info: dict[str, Any] = {}
+        log.info("run %s: stage %s", self.result.recipe.name, self.name)
+        return self.info
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None:
+            self.info["wall_s"] = round(time.perf_counter() - self.t0, 2)
+            self.result.stages[self.name] = self.info
+            log.info("run %s: stage %s done in %.1f s", self.result.recipe.name, self.name, self.info["wall_s"])
