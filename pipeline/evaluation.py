@@ -198,7 +198,7 @@ class _RunContext:
             "engine": self.spec.engine,
             "eval_wall_s": round(usage.wall_s, 2),
             "eval_peak_rss_mib": _mib(usage.peak_rss_bytes),
-            "eval_text": self.spec.text.source if self.spec.text else None,
+            "eval_text": f"{t.source} ({t.rows}x{t.length})" if (t := self.spec.text) else None,
             "tool_version": tool_version(),
             "metrics_version": METRICS_VERSION,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -213,7 +213,7 @@ class _RunContext:
         return {
             **self.common(usage), "engine": "torch", "quant": REFERENCE_NAME, "is_reference": True,
             "bpw": float(bits), "size_bytes": size, **reference.metrics,
-            "reference_cache_mib": _mib(cache_bytes), "reference_cached": cached,
+            "reference_cache_mib": round(cache_bytes / 2**20, 2),
         }  # fmt: skip
 
     def quant_record(

@@ -111,3 +111,24 @@ def write_text(path: Path, text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text, encoding="utf-8")
     return path
+
+
+def make_tiny_vlm(folder: Path, side: Path) -> Path:
+    """A tiny Llava/Pixtral model in `folder` (float32 language model, bf16 vision tower, two shards) with a real
+    tokenizer, image processor config and chat template (built in `side`, then copied in)."""
+    import shutil
+
+    import torch
+
+    import tiny_models
+
+    model = tiny_models.build("llava", seed=3)
+    model.model.vision_tower.to(torch.bfloat16)
+    tiny_models.save(model, folder, shards=2)
+    tokenizer = train_tokenizer(merges=40)
+    assert len(tokenizer) <= tiny_models.TEXT["vocab_size"]
+    for path in write_model_dir(side, tokenizer, patch=8, longest_edge=32).iterdir():
+        if path.name != "config.json":
+            shutil.copy(path, folder / path.name)
+    tiny_models.edit_config(folder, image_token_index=tokenizer.convert_tokens_to_ids("[IMG]"))
+    return folder

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
-from fixtures_calibration import train_tokenizer, write_model_dir
+from fixtures_calibration import make_tiny_vlm
 
 import tiny_models
 from calibration import CalibrationSpec, parse_source
@@ -29,18 +28,7 @@ TARGETS = [4.0, 5.0, 8.0]
 @pytest.fixture(scope="module")
 def vlm_dir(tmp_path_factory):
     """A tiny Llava/Pixtral model with a real tokenizer, processor config and a bf16 vision tower."""
-    folder = tmp_path_factory.mktemp("tiny-vlm")
-    model = tiny_models.build("llava", seed=3)
-    model.model.vision_tower.to(torch.bfloat16)
-    tiny_models.save(model, folder, shards=2)
-    tokenizer = train_tokenizer(merges=40)
-    assert len(tokenizer) <= tiny_models.TEXT["vocab_size"]
-    side = write_model_dir(tmp_path_factory.mktemp("side"), tokenizer, patch=8, longest_edge=32)
-    for path in side.iterdir():
-        if path.name != "config.json":
-            shutil.copy(path, folder / path.name)
-    tiny_models.edit_config(folder, image_token_index=tokenizer.convert_tokens_to_ids("[IMG]"))
-    return folder
+    return make_tiny_vlm(tmp_path_factory.mktemp("tiny-vlm"), tmp_path_factory.mktemp("side"))
 
 
 @pytest.fixture(scope="module")
