@@ -153,7 +153,7 @@ COLUMN_HELP: dict[str, str] = {
 }
 
 # The compact table people read; `vqa_*` columns follow, and only columns with a value are shown.
-_SUMMARY = (
+SUMMARY_COLUMNS: tuple[str, ...] = (
     "quant",
     "bpw",
     "head_bits",
@@ -281,7 +281,7 @@ def column_help(column: str) -> str:
 
 def summary_columns(frame: pd.DataFrame) -> list[str]:
     """The compact set people read, then any `vqa_*` columns; only those with at least one value."""
-    wanted = [*_SUMMARY, *sorted(column for column in frame.columns if column.startswith("vqa_"))]
+    wanted = [*SUMMARY_COLUMNS, *sorted(column for column in frame.columns if column.startswith("vqa_"))]
     return [c for c in wanted if c in frame.columns and (c == "quant" or bool(frame[c].notna().any()))]
 
 

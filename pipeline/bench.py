@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from eval.report import SUMMARY_COLUMNS
 from pipeline.resources import MeasureUsage
 
 RESULTS = Path("bench/results")
@@ -49,8 +50,7 @@ def bench_default(args: argparse.Namespace) -> dict[str, Any]:
     evaluation = run_eval(model_dir, work, spec, quants=[q.out_dir for q in quants], run_name="bench-default",
                           force=args.force)  # fmt: skip
     usage = {q.name: q.usage.as_dict() for q in quants}
-    keep = ("quant", "bpw", "head_bpw", "size_mib", "ppl", "kl_mean", "kl_p99", "top1_agreement", "top5_agreement",
-            "image_kl_mean", "image_answer_agreement", "eval_wall_s")  # fmt: skip
+    keep = (*SUMMARY_COLUMNS, "head_bpw", "eval_wall_s")
     rows = []
     for record in evaluation.records:
         row = {k: _rounded(record.get(k)) for k in keep}
@@ -105,22 +105,8 @@ def bench_streaming(args: argparse.Namespace) -> dict[str, Any]:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-BENCH_COLUMNS = (
-    "quant",
-    "bpw",
-    "head_bpw",
-    "size_mib",
-    "ppl",
-    "kl_mean",
-    "kl_p99",
-    "top1_agreement",
-    "top5_agreement",
-    "image_kl_mean",
-    "image_answer_agreement",
-    "wall_s",
-    "peak_rss_mib",
-    "eval_wall_s",
-)
+# The report's compact columns, then the cost of each quant.
+BENCH_COLUMNS = (*SUMMARY_COLUMNS, "head_bpw", "wall_s", "peak_rss_mib", "eval_wall_s")
 
 
 def markdown(results: dict[str, Any]) -> str:
