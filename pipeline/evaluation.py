@@ -140,6 +140,10 @@ def run_eval(
     from eval.torch_engine import source_engine
 
     progress = progress or NullProgress()
+    if spec.engine == "exllamav2":  # refuse before the reference is computed, not after
+        from quantize.engines import import_exllamav2
+
+        import_exllamav2(purpose="exl2 eval --engine exllamav2")
     cache = cache_dir or cache_root()
     quants = list(quants) if quants is not None else complete_quants(work_dir)
     adapter = load_adapter(model_dir)

@@ -34,7 +34,7 @@ from pipeline.cli import app
 from pipeline.evaluation import REFERENCE_NAME, run_eval
 from pipeline.jobs import run_measure, run_quantize
 from quantize.adapters import Role, load_adapter
-from quantize.errors import EvalError
+from quantize.errors import CudaRequiredError, EvalError
 from quantize.exl2_model import Exl2Weights
 from quantize.modeling import LayerwiseLM
 
@@ -426,3 +426,13 @@ def test_cli_report_show_on_an_empty_dir_is_one_line_exit_2(tmp_path):
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "reference.json: missing" in lines[0], proc.stderr
+
+
+def test_exllamav2_engine_without_cuda_is_refused_before_any_work(vlm_dir, work, eval_spec, monkeypatch):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    work_dir, cache = work
+    monkeypatch.setattr(evaluation, "build_inputs", lambda *a, **k: pytest.fail("inputs built before the refusal"))
+    with pytest.raises(CudaRequiredError, match="CUDA"):
+        spec = eval_spec.model_copy(update={"engine": "exllamav2"})
+        run_eval(vlm_dir, work_dir, spec, device="cpu", cache_dir=cache)
