@@ -320,6 +320,17 @@ def format_value(value: Any, *, digits: int = 4) -> str:
     return str(value)
 
 
+# Bits per weight are read to the thousandth (2.998 and 3.000 are different quants): fixed decimals, not digits.
+FIXED_DECIMALS = {"target_bpw": 2, "bpw": 3, "head_bpw": 3, "size_mib": 1}
+
+
+def _cell(column: str, value: Any, digits: int) -> str:
+    places = FIXED_DECIMALS.get(column)
+    if places is not None and isinstance(value, float | np.floating) and math.isfinite(value):
+        return f"{value:.{places}f}"
+    return format_value(value, digits=digits)
+
+
 def _markdown_cell(text: str) -> str:
     return text.replace("\r", " ").replace("\n", " ").replace("|", "\\|")
 
@@ -336,7 +347,7 @@ def markdown_table(frame: pd.DataFrame, *, columns: Sequence[str] | None = None,
         "|" + "|".join("---:" if is_number else "---" for is_number in numeric) + "|",
     ]
     for row in frame[shown].itertuples(index=False, name=None):
-        cells = (_markdown_cell(format_value(value, digits=digits)) for value in row)
+        cells = (_markdown_cell(_cell(column, value, digits)) for column, value in zip(shown, row, strict=True))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
