@@ -280,5 +280,5 @@ def test_write_comparison(frame, tmp_path):
 
 def test_markdown_bpw_to_the_thousandth():
     frame = report_frame([{"model": "m", "quant": "3.0bpw", "bpw": 2.99976, "size_bytes": 3 * 2**20, "ppl": 14.6834}])
-    header, _, row = markdown_table(frame, columns=["bpw", "size_mib", "ppl"]).splitlines()
+    _header, _, row = markdown_table(frame, columns=["bpw", "size_mib", "ppl"]).splitlines()
     assert [c.strip() for c in row.strip("|").split("|")] == ["3.000", "3.0", "14.68"]
