@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,7 @@ from eval.engine import EvalEngine, EvalSequence
 from eval.generate import decode, greedy
 from eval.metrics import AGREEMENT_K, METRICS_VERSION, TokenScores, TopK, perplexity, reference_topk
 from eval.prompts import ImagePrompt, attach_features, check_no_overlap, sample_image_prompts, text_windows
+from quantize.progress import NullProgress, Progress
 
 
 @dataclass
@@ -55,6 +56,12 @@ class EvalInputs:
     text: torch.Tensor | None = None
     images: list[ImagePrompt] = field(default_factory=list)
     vqa: list[VqaInputs] = field(default_factory=list)
+
+    @property
+    def units(self) -> int:
+        """Progress steps of one pass over the inputs: text windows, image prompts, VQA items."""
+        text = 0 if self.text is None else int(self.text.shape[0])
+        return text + len(self.images) + sum(len(v.sequences) for v in self.vqa)
 
     def fingerprint(self, model_fingerprint: str) -> str:
         """sha256 of everything the reference depends on: model, inputs (ids and pixels), K, metric definitions."""
@@ -163,7 +170,9 @@ def _answer_rows(prompt: ImagePrompt, answer: Sequence[int]) -> slice:
     return slice(start, start + len(answer))
 
 
-def compute_reference(engine: EvalEngine, inputs: EvalInputs, *, key: str) -> Reference:
+def compute_reference(
+    engine: EvalEngine, inputs: EvalInputs, *, key: str, progress: Progress | None = None
+) -> Reference:
     """Run the full-precision engine over the inputs once and summarise what every quant is compared with.
 
     The reference's own report row comes from the same forwards: its KL is 0 and its top-k agreement 1 by
@@ -171,11 +180,14 @@ def compute_reference(engine: EvalEngine, inputs: EvalInputs, *, key: str) -> Re
     unless a near-tie flips between the two forwards) and its VQA scores are measured.
     """
     k = inputs.spec.top_k
+    progress = progress or NullProgress()
+    progress.start("reference", inputs.units)
     reference = Reference(key, None, None, [], {}, {})
     if inputs.text is not None:
-        sequences = _text_sequences(inputs.text)
-        parts = [reference_topk(lg[:-1], k, row[1:]) for lg, row in zip(engine.logits(sequences), inputs.text,
-                                                                        strict=True)]  # fmt: skip
+        parts = []
+        for logits, row in zip(engine.logits(_text_sequences(inputs.text)), inputs.text, strict=True):
+            parts.append(reference_topk(logits[:-1], k, row[1:]))
+            progress.advance("reference")
         reference.text = TopK.cat(parts)
         reference.metrics.update(_self_scores(reference.text, "", ppl=True))
         reference.metrics["eval_tokens"] = float(reference.text.positions)
@@ -192,10 +204,13 @@ def compute_reference(engine: EvalEngine, inputs: EvalInputs, *, key: str) -> Re
         reference.metrics.update({key: scores[key] for key in IMAGE_COLUMNS if key in scores})
         reference.metrics["image_answer_agreement"] = sum(matches) / len(matches)
         reference.metrics["image_prompts"] = float(len(matches))
+        progress.advance("reference", len(matches))
     for vqa in inputs.vqa:
         predictions = _vqa_predictions(engine, inputs, vqa)
         reference.vqa_predictions[vqa.column] = predictions
         reference.metrics[vqa.column] = float(vqa.vqa_set.score(predictions))
+        progress.advance("reference", len(predictions))
+    progress.finish("reference")
     return reference
 
 
@@ -222,25 +237,33 @@ def score_model(
     reference: Reference,
     *,
     predictions: dict[str, list[str]] | None = None,
+    progress: Progress | None = None,
+    task: str = "score",
 ) -> dict[str, float]:
     """The report's metric columns for one model (see the module docstring); `predictions` reuses VQA answers."""
+    progress = progress or NullProgress()
+    progress.start(task, inputs.units)
     out: dict[str, float] = {}
     if inputs.text is not None and reference.text is not None:
-        out.update(_score_text(engine, inputs.text, reference.text))
+        out.update(_score_text(engine, inputs.text, reference.text, lambda: progress.advance(task)))
     if inputs.images and reference.image is not None:
         out.update(_score_images(engine, inputs, reference))
+        progress.advance(task, len(inputs.images))
     for vqa in inputs.vqa:
         answers = (predictions or {}).get(vqa.column) or _vqa_predictions(engine, inputs, vqa)
         out[vqa.column] = float(vqa.vqa_set.score(answers))
+        progress.advance(task, len(answers))
+    progress.finish(task)
     return out
 
 
-def _score_text(engine: EvalEngine, text: torch.Tensor, reference: TopK) -> dict[str, float]:
+def _score_text(engine: EvalEngine, text: torch.Tensor, reference: TopK, tick: Callable[[], None]) -> dict[str, float]:
     scores = TokenScores.empty()
     per_row = text.shape[1] - 1
     for i, (logits, row) in enumerate(zip(engine.logits(_text_sequences(text)), text, strict=True)):
         rows = slice(i * per_row, (i + 1) * per_row)
         scores.add(_slice(reference, rows), logits[:-1], row[1:])
+        tick()
     return {**scores.summary(), "eval_tokens": float(text.shape[0] * per_row)}
 
 

@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from eval.engine import EvalEngine
 from eval.evaluate import EvalInputs, Reference, compute_reference
 from eval.metrics import METRICS_VERSION, TOPK_FIELDS, TopK
+from quantize.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +90,12 @@ def cache_size(folder: Path) -> int:
 
 
 def cached_reference(
-    make_engine: Callable[[], EvalEngine], inputs: EvalInputs, *, key: str, cache_dir: Path
+    make_engine: Callable[[], EvalEngine],
+    inputs: EvalInputs,
+    *,
+    key: str,
+    cache_dir: Path,
+    progress: Progress | None = None,
 ) -> tuple[Reference, bool, int]:
     """(reference, found in the cache, cache bytes): computed with `make_engine()` only when not cached."""
     folder = reference_dir(cache_dir, key)
@@ -99,7 +105,7 @@ def cached_reference(
         return found, True, cache_size(folder)
     engine = make_engine()
     try:
-        reference = compute_reference(engine, inputs, key=key)
+        reference = compute_reference(engine, inputs, key=key, progress=progress)
     finally:
         engine.close()
     size = save_reference(reference, folder)

@@ -155,17 +155,18 @@ def run_eval(
     context = _RunContext(run_name or work_dir.name, model_dir, work_dir, spec, key)
     with MeasureUsage() as usage:
         reference, cached, size = cached_reference(
-            lambda: source_engine(model_dir, device=device, resident=resident), inputs, key=key, cache_dir=cache
+            lambda: source_engine(model_dir, device=device, resident=resident),
+            inputs,
+            key=key,
+            cache_dir=cache,
+            progress=progress,
         )
     ref_record = context.reference_record(adapter, reference, usage, cached=cached, cache_bytes=size)
     write_json(_eval_dir(work_dir) / "reference.json", {"inputs": {"reference": key}, "record": ref_record})
     make_engine = engine_factory(spec, device=device, resident=resident)
     records = [ref_record]
-    progress.start("evaluate", len(quants))
     for quant_dir in quants:
-        records.append(context.quant_record(quant_dir, inputs, reference, make_engine, force=force))
-        progress.advance("evaluate", quant=quant_dir.name)
-    progress.finish("evaluate")
+        records.append(context.quant_record(quant_dir, inputs, reference, make_engine, force=force, progress=progress))
     frame = report_frame(records)
     files = write_report(frame, work_dir / "report", title=f"{context.run}: {model_dir.name} EXL2 quants")
     from eval.reference_cache import reference_dir
@@ -228,6 +229,7 @@ class _RunContext:
         make_engine: Callable[[Path], EvalEngine],
         *,
         force: bool,
+        progress: Progress,
     ) -> dict[str, Any]:
         path = _eval_dir(self.work_dir) / f"{quant_dir.name}.json"
         stamp = {
@@ -244,7 +246,7 @@ class _RunContext:
         with MeasureUsage() as usage:
             engine = make_engine(quant_dir)
             try:
-                metrics = score_model(engine, inputs, reference)
+                metrics = score_model(engine, inputs, reference, progress=progress, task=f"eval {quant_dir.name}")
             finally:
                 engine.close()
         record = {**self.common(usage), **self.quant_facts(quant_dir), **metrics}
