@@ -28,6 +28,7 @@ from calibration import CalibrationSpec
 from pipeline.calibrate import calibration_for
 from pipeline.resources import MeasureUsage, Usage
 from quantize.adapters import ModelAdapter, load_adapter
+from quantize.checkpoint import DEFAULT_INTERVAL_S, LayerCheckpoint
 from quantize.errors import Exl2Error
 from quantize.progress import NullProgress, Progress
 from quantize.provenance import tool_version
@@ -98,6 +99,11 @@ class MeasureResult:
     calibration_fingerprint: str
 
 
+def _checkpoint(folder: Path, inputs: dict[str, Any], interval_s: float) -> LayerCheckpoint:
+    key = hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()
+    return LayerCheckpoint(folder, key, interval_s=interval_s)
+
+
 def run_measure(
     model_dir: Path,
     work_dir: Path,
@@ -107,8 +113,10 @@ def run_measure(
     cache_dir: Path | None = None,
     progress: Progress | None = None,
     force: bool = False,
+    checkpoint_interval_s: float = DEFAULT_INTERVAL_S,
 ) -> MeasureResult:
-    """Measure once per (model, calibration): writes work_dir/measurement.json unless it is already there."""
+    """Measure once per (model, calibration): writes work_dir/measurement.json unless it is already there. An
+    interrupted measurement resumes from its last checkpoint (work_dir/.measurement.checkpoint/)."""
     from quantize.measure import measure
 
     adapter = load_adapter(model_dir)
@@ -122,18 +130,26 @@ def run_measure(
         if meta.get("inputs") == inputs:
             log.info("measurement: %s is up to date (same model, calibration and tool version); skipped", path)
             return MeasureResult(path, True, Usage(**meta.get("usage_raw", {})), calset.fingerprint)
+    checkpoint = _checkpoint(work_dir / ".measurement.checkpoint", inputs, checkpoint_interval_s)
+    if force:
+        checkpoint.clear()
+    resumed = checkpoint.matches()  # then the time and memory below are those of the resumed part only
     with MeasureUsage() as usage:
-        measurement = measure(adapter, calset, device=device, progress=progress or NullProgress())
+        measurement = measure(
+            adapter, calset, device=device, progress=progress or NullProgress(), checkpoint=checkpoint
+        )
     write_json(path, measurement)
     meta = {
         "inputs": inputs,
         "model_dir": str(model_dir),
         "calibration": {"fingerprint": calset.fingerprint, **calset.summary()},
         "device": str(device),
+        "resumed": resumed,
         "usage": usage.as_dict(),
         "usage_raw": usage.__dict__,
     }
     write_json(meta_path, meta)
+    checkpoint.clear()
     log.info("measurement: %s written in %.1f s", path, usage.wall_s)
     return MeasureResult(path, False, usage, calset.fingerprint)
 
@@ -172,6 +188,7 @@ def run_quantize(
     progress: Progress | None = None,
     command: str = "",
     force: bool = False,
+    checkpoint_interval_s: float = DEFAULT_INTERVAL_S,
 ) -> list[QuantResult]:
     """One EXL2 folder per target bpw under work_dir/quants/, all from one measurement (no new measurement)."""
     from quantize.optimize import load_measurement, optimize_many, slots_from_measurement
@@ -204,6 +221,7 @@ def run_quantize(
                 inputs={**inputs, "target_bpw": target},
                 head_bits=head_bits, device=device, shard_size_mb=shard_size_mb,
                 progress=progress or NullProgress(), command=command, force=force,
+                checkpoint_interval_s=checkpoint_interval_s,
             )
         )  # fmt: skip
     return results
@@ -235,6 +253,7 @@ def _quantize_one(
     progress: Progress,
     command: str,
     force: bool,
+    checkpoint_interval_s: float,
 ) -> QuantResult:
     from quantize.compile import compile_quant, is_complete
     from quantize.quant_pass import quantize_model
@@ -248,12 +267,18 @@ def _quantize_one(
             log.info("quant %s: up to date (same model, calibration, measurement and settings); skipped", name)
             return _result_from_disk(out_dir, saved, marker)
     write_json(strategy_path, {"inputs": inputs, "strategy": strategy.to_json()})
-    remove_tree(tensors_dir)
+    checkpoint = _checkpoint(quants / f".{name}.checkpoint", {**inputs, "strategy": strategy.to_json()},
+                             checkpoint_interval_s)  # fmt: skip
+    resumed = not force and checkpoint.matches()  # then the time and memory recorded are the resumed part's
+    if not resumed:
+        # A fresh start: packed linears of an earlier, different attempt must not be compiled into this quant.
+        checkpoint.clear()
+        remove_tree(tensors_dir)
     started = time.perf_counter()
     with MeasureUsage() as usage:
         stats = quantize_model(
             adapter, calset, strategy.to_json()["strategy"], head_bits=head_bits, tensors_dir=tensors_dir,
-            device=device, progress=progress,
+            device=device, progress=progress, checkpoint=checkpoint,
         )  # fmt: skip
         quantization_config = {
             "bits": inputs["target_bpw"],
@@ -273,12 +298,14 @@ def _quantize_one(
             "quantize_seconds": round(time.perf_counter() - started, 2),
             "quantize_peak_rss_bytes": usage.peak_rss_bytes,
             "device": device,
+            "resumed": resumed,
         }
         result = compile_quant(
             adapter, tensors_dir, out_dir, quantization_config=quantization_config, provenance=provenance,
             shard_size_mb=shard_size_mb, overwrite=True,
         )  # fmt: skip
     remove_tree(tensors_dir)
+    checkpoint.clear()
     summary = {
         "name": name, "target_bpw": inputs["target_bpw"], "bpw": stats.bpw, "head_bits": head_bits,
         "head_bpw": stats.head_bpw, "size_bytes": result.total_bytes, "usage": usage.__dict__,

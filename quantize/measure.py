@@ -20,6 +20,7 @@ import torch
 from calibration import CalibrationSet
 from quantize import candidates as cand
 from quantize.adapters import ModelAdapter
+from quantize.checkpoint import LayerCheckpoint
 from quantize.format import total_bits
 from quantize.gptq import HessianAccumulator, PreparedHessian, gptq_quantize, prepare
 from quantize.memory import release_memory
@@ -150,17 +151,22 @@ def measure(
     *,
     device: str | torch.device = "cpu",
     progress: Progress | None = None,
+    checkpoint: LayerCheckpoint | None = None,
 ) -> dict[str, Any]:
-    """The measurement of every decoder slot, as exllamav2's measurement.json object."""
+    """The measurement of every decoder slot, as exllamav2's measurement.json object; with `checkpoint`, resumed
+    from its last save and saved after layers as it goes."""
     progress = progress or NullProgress()
     lm = LayerwiseLM(adapter.text, adapter, device=device)
     ctx = LayerContext(adapter, lm, lm.position_embeddings(calset.length))
-    states = initial_states(adapter, calset, lm)
     prefix = exl2_prefix(adapter)
     layers = adapter.text.num_hidden_layers
-    result: dict[str, Any] = {}
+    resume = checkpoint.load() if checkpoint else None
+    start, result = (resume.next_layer, resume.record) if resume else (0, {})
+    states = resume.states if resume else initial_states(adapter, calset, lm)
     progress.start("measure", layers * len(SLOTS), rows=calset.rows, length=calset.length)
-    for index in range(layers):
+    if start:
+        progress.advance("measure", start * len(SLOTS), resumed_at_layer=start)
+    for index in range(start, layers):
         weights = layer_weights(lm, index)
         for slot in SLOTS:
             key = f"{prefix}layers.{index}.{slot.mode}"
@@ -169,6 +175,8 @@ def measure(
             progress.advance("measure", layer=index, slot=slot.mode, best_accuracy=round(best, 6))
             release_memory()
         del weights
+        if checkpoint and index + 1 < layers:
+            checkpoint.after_layer(index + 1, result, states)
     result[f"{prefix}norm.norm"] = None
     result[f"{exl2_head_key(adapter)}.linear"] = None
     progress.finish("measure")

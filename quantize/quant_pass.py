@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 from calibration import CalibrationSet
 from quantize.adapters import ModelAdapter
 from quantize.candidates import head_config
+from quantize.checkpoint import LayerCheckpoint
 from quantize.format import pack, total_bits
 from quantize.gptq import HessianAccumulator, gptq_quantize, prepare
 from quantize.measure import LayerContext, capture_hessians, exl2_prefix, layer_weights, relative_error
@@ -138,16 +139,23 @@ def quantize_model(
     tensors_dir: Path,
     device: str | torch.device = "cpu",
     progress: Progress | None = None,
+    checkpoint: LayerCheckpoint | None = None,
 ) -> QuantStats:
-    """Quantize every decoder linear and the head into `tensors_dir` (one file per linear)."""
+    """Quantize every decoder linear and the head into `tensors_dir` (one file per linear); with `checkpoint`,
+    resumed from its last save (the linears of finished layers are already in `tensors_dir`)."""
     progress = progress or NullProgress()
     tensors_dir.mkdir(parents=True, exist_ok=True)
     lm = LayerwiseLM(adapter.text, adapter, device=device)
     ctx = LayerContext(adapter, lm, lm.position_embeddings(calset.length))
-    states = initial_states(adapter, calset, lm)
-    prefix, layers, stats = exl2_prefix(adapter), adapter.text.num_hidden_layers, QuantStats()
+    prefix, layers = exl2_prefix(adapter), adapter.text.num_hidden_layers
+    resume = checkpoint.load() if checkpoint else None
+    start = resume.next_layer if resume else 0
+    stats = QuantStats(**resume.record) if resume else QuantStats()
+    states = resume.states if resume else initial_states(adapter, calset, lm)
     progress.start("quantize", layers * len(SLOTS) + 1)
-    for index in range(layers):
+    if start:
+        progress.advance("quantize", start * len(SLOTS), resumed_at_layer=start)
+    for index in range(start, layers):
         weights = layer_weights(lm, index)
         for slot in SLOTS:
             key = f"{prefix}layers.{index}.{slot.mode}"
@@ -158,6 +166,8 @@ def quantize_model(
             progress.advance("quantize", layer=index, slot=slot.mode, rel_error=round(stats.slot_errors[key], 6))
             release_memory()
         del weights
+        if checkpoint and index + 1 < layers:
+            checkpoint.after_layer(index + 1, asdict(stats), states)
     quantize_head(ctx, states, head_bits, tensors_dir, stats)
     progress.advance("quantize", module="lm_head", head_bpw=round(stats.head_bpw, 4))
     progress.finish("quantize", bpw=round(stats.bpw, 4))
