@@ -5,7 +5,9 @@ attention is causal, so padding after a sequence's last token never changes its 
 at position 0. Image blocks get the full-precision image features the evaluation stage attached to them.
 
 By default the weights stay resident in the compute dtype after their first use (a quant is dequantized once, not
-once per batch); `resident=False` streams them from disk per batch, for a model larger than memory.
+once per batch); `resident=False` streams them from disk, for a model larger than memory. Streaming reads the
+whole model once per batch, so then a batch holds every sequence (up to `batch_tokens`, 256k tokens by default:
+3.2 GB of fp32 hidden states at Pixtral-Large's width), moved to the device `rows_per_chunk` rows at a time.
 """
 
 from __future__ import annotations
@@ -65,14 +67,17 @@ class TorchEngine:
         device: torch.device | str = "cpu",
         compute_dtype: torch.dtype = torch.float32,
         resident: bool = True,
-        batch_tokens: int = 8192,
+        batch_tokens: int | None = None,
         label: str = "",
     ) -> None:
         self.device = torch.device(device)
         provider = _ResidentWeights(weights, self.device, compute_dtype) if resident else weights
-        self.lm = LayerwiseLM(text, provider, device=self.device, compute_dtype=compute_dtype)
+        self.lm = LayerwiseLM(
+            text, provider, device=self.device, compute_dtype=compute_dtype, rows_per_chunk=None if resident else 8
+        )
         self.image_token = image_token
-        self.batch_tokens = batch_tokens
+        self.resident = resident
+        self.batch_tokens = batch_tokens or (8192 if resident else 262144)
         self.label = label
 
     def _embed(self, batch: Sequence[EvalSequence]) -> torch.Tensor:
@@ -90,7 +95,8 @@ class TorchEngine:
             if any(f is None for f in features):
                 raise ValueError("image features must be attached before a torch engine scores image sequences")
             hidden[row] = merge_image_features(hidden[row], ids[row].to(hidden.device), self.image_token, features)  # type: ignore[arg-type]
-        return hidden
+        # Streaming keeps the batch's states in host memory; run_layers moves a few rows at a time to the device.
+        return hidden if self.resident else hidden.cpu()
 
     def _batches(self, sequences: Sequence[EvalSequence]) -> Iterator[list[int]]:
         """Indices of the sequences grouped so each padded batch holds at most `batch_tokens` tokens."""

@@ -292,6 +292,11 @@ def test_torch_engine_padding_and_next_logits(vlm_dir):
     bare = EvalSequence(image_seq.input_ids, [replace(image_seq.images[0], features=None)])
     with pytest.raises(ValueError, match="image features must be attached"):
         list(engine.logits([bare]))
+    # Streaming the weights from disk, with the states in host memory two rows at a time, changes nothing.
+    streamed = source_engine(vlm_dir, resident=False)
+    streamed.lm.rows_per_chunk = 2
+    for logits, again in zip(batched, streamed.logits(sequences), strict=True):
+        torch.testing.assert_close(again, logits, atol=1e-5, rtol=0)
 
 
 class ScriptedEngine:
