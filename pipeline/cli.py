@@ -385,7 +385,8 @@ def run(
     set_: Annotated[
         list[str] | None, typer.Option("--set", help="Override any recipe key: KEY=VALUE (YAML value), repeatable.")
     ] = None,
-    only: Annotated[str | None, typer.Option(help="Run only these stages: measure,quantize,eval.")] = None,
+    only: Annotated[str | None, typer.Option(help="Run only these stages: measure,quantize,eval,upload.")] = None,
+    upload: Annotated[bool, typer.Option("--upload", help="Also publish to the recipe's upload.repo.")] = False,
     print_config: Annotated[bool, typer.Option(help="Print the resolved recipe and stop.")] = False,
     force: Annotated[bool, typer.Option(help="Redo every stage even when up to date.")] = False,
     cache_dir: CacheDir = None,
@@ -409,6 +410,8 @@ def run(
         typer.echo(yaml.safe_dump(loaded.resolved(), sort_keys=False))
         return
     stages = [s.strip() for s in only.split(",")] if only else list(STAGES)
+    if upload and "upload" not in stages:
+        stages.append("upload")
     with _progress(as_json) as progress:
         result = run_recipe(loaded, stages=stages, cache_dir=cache_dir, progress=progress, force=force)
     if as_json:
@@ -421,6 +424,39 @@ def run(
 
         _print_report(report_frame(result.evaluation.records), result.evaluation.report)
     console.print(f"work dir: {loaded.work_dir}", highlight=False, soft_wrap=True)
+
+
+@app.command("upload")
+def upload_command(
+    work_dir: Annotated[Path, typer.Argument(help="A work directory with evaluated quants (exl2 eval / exl2 run).")],
+    repo: Annotated[str, typer.Option(help="Hub repository, e.g. me/Pixtral-Large-Instruct-2411-exl2.")],
+    quant: Annotated[
+        list[str] | None, typer.Option("--quant", "-q", help="Quant name, repeatable (default: all).")
+    ] = None,
+    base_model: Annotated[str | None, typer.Option(help="The source repository, for the card's base_model.")] = None,
+    source: Annotated[Path | None, typer.Option(help="The source model folder (its card's license is copied).")] = None,
+    max_kl: Annotated[float | None, typer.Option(help="Gate: refuse quants whose mean KL is above this.")] = None,
+    min_top1: Annotated[float | None, typer.Option(help="Gate: refuse quants whose top-1 agreement is below.")] = None,
+    private: Annotated[bool, typer.Option(help="Create the repository private.")] = False,
+    dry_run: Annotated[bool, typer.Option(help="Write the card to WORK_DIR/upload/README.md; send nothing.")] = False,
+) -> None:
+    """Publish the quants to the Hub: a branch per quant, the model card (made from the report) and
+    measurement.json on main. Quants that fail a gate are named with the reason and left out."""
+    from pipeline.upload import Gates, plan_upload, upload
+
+    plan = plan_upload(
+        work_dir, repo, base_model=base_model, source_dir=source, quants=quant, gates=Gates(max_kl, min_top1)
+    )
+    for name, why in plan.refused.items():
+        err_console.print(f"[yellow]not published:[/yellow] {name}: {why}", highlight=False, soft_wrap=True)
+    if dry_run:
+        out = work_dir / "upload" / "README.md"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(plan.card, encoding="utf-8")
+        console.print(f"would publish {', '.join(plan.branches)} to {repo}; card: {out}", highlight=False)
+        return
+    branches = upload(plan, private=private)
+    console.print(f"published {', '.join(branches)} to https://huggingface.co/{repo}", highlight=False)
 
 
 @model_app.command("path")

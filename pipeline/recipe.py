@@ -154,12 +154,15 @@ class QuantizeConfig(BaseModel):
 
 
 class UploadConfig(BaseModel):
-    """Where the upload stage publishes the quants (one branch per quant); `repo: null` uploads nothing."""
+    """Where the upload stage publishes the quants (one branch per quant; `repo: null` uploads nothing), and the
+    quality gates a quant must pass to be published (None: not checked)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     repo: str | None = None
     private: bool = False
+    max_kl_mean: float | None = Field(default=None, gt=0)
+    min_top1_agreement: float | None = Field(default=None, ge=0, le=1)
 
 
 class Recipe(BaseModel):

@@ -24,6 +24,8 @@ from quantize.progress import NullProgress, Progress
 log = logging.getLogger(__name__)
 
 STAGES = ("measure", "quantize", "eval")
+# Publishing is never implied: it runs only when asked for (`exl2 run --upload`, or `--only ...,upload`).
+ALL_STAGES = (*STAGES, "upload")
 
 
 @dataclass
@@ -52,9 +54,11 @@ def run_recipe(
     from pipeline.evaluation import run_eval
     from pipeline.jobs import run_measure, run_quantize
 
-    unknown = [s for s in stages if s not in STAGES]
+    unknown = [s for s in stages if s not in ALL_STAGES]
     if unknown:
-        raise RecipeError(f"unknown stage(s) {', '.join(unknown)}; stages are {', '.join(STAGES)}")
+        raise RecipeError(f"unknown stage(s) {', '.join(unknown)}; stages are {', '.join(ALL_STAGES)}")
+    if "upload" in stages and not recipe.upload.repo:
+        raise RecipeError(f"recipe '{recipe.name}': the upload stage needs upload.repo (e.g. --set upload.repo=me/x)")
     progress = progress or NullProgress()
     work = recipe.work_dir
     work.mkdir(parents=True, exist_ok=True)
@@ -88,9 +92,25 @@ def run_recipe(
                 device=_device(recipe.eval.device), cache_dir=cache_dir, progress=progress, force=force,
             )  # fmt: skip
             info.update(quants=[p.name for p in quant_dirs], report=str(result.evaluation.report.html))
+    if "upload" in stages:
+        with _stage(result, "upload") as info:
+            info.update(branches=_upload(recipe, model_dir))
     write_json(work / "run.json", {"recipe": recipe.name, "fingerprint": recipe.fingerprint(),
                                    "model_dir": str(model_dir), "stages": result.stages})  # fmt: skip
     return result
+
+
+def _upload(recipe: Recipe, model_dir: Path) -> list[str]:
+    from pipeline.upload import Gates, plan_upload, upload
+
+    config = recipe.upload
+    plan = plan_upload(
+        recipe.work_dir, str(config.repo), base_model=recipe.model.repo_id if recipe.model.kind == "hf" else None,
+        source_dir=model_dir, gates=Gates(config.max_kl_mean, config.min_top1_agreement),
+    )  # fmt: skip
+    for name, why in plan.refused.items():
+        log.warning("upload: %s not published: %s", name, why)
+    return upload(plan, private=config.private)
 
 
 class _stage:

@@ -4,8 +4,10 @@ a rerun, stage selection, and the CLI's overrides."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -14,6 +16,7 @@ from fixtures_calibration import doc_texts, make_tiny_vlm
 
 from pipeline.recipe import load_recipe
 from pipeline.run import run_recipe
+from pipeline.upload import Gates, UploadError, plan_upload, upload
 from quantize.errors import RecipeError
 
 
@@ -105,3 +108,121 @@ def test_cli_bad_recipe_is_one_line(recipe_path, tmp_path):
     assert proc.returncode == 2
     lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error")]
     assert len(lines) == 1 and "bad.yaml" in lines[0] and "bpww" in lines[0]
+
+
+# ------------------------------------------------------------------------------------------------- upload
+
+
+class FakeHub:
+    """Records what would be sent to the Hub: repositories, branches, and each commit's files by revision."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.repos: list[tuple[str, bool]] = []
+        self.branches: list[str] = []
+        self.commits: dict[str, dict[str, bytes]] = {}
+        self.fail = fail
+
+    def create_repo(self, repo_id, *, private=False, exist_ok=False, repo_type=None):
+        if self.fail:
+            raise RuntimeError("401 Client Error: Unauthorized\nmore detail")
+        self.repos.append((repo_id, private))
+
+    def create_branch(self, repo_id, *, branch, exist_ok=False):
+        self.branches.append(branch)
+
+    def create_commit(self, repo_id, operations, *, commit_message, revision=None):
+        files = {}
+        for op in operations:
+            data = op.path_or_fileobj
+            files[op.path_in_repo] = data if isinstance(data, bytes) else Path(data).read_bytes()
+        self.commits[revision] = files
+
+
+def _front_matter(card: str) -> dict:
+    return yaml.safe_load(card.split("---", 2)[1])
+
+
+def test_upload_publishes_a_branch_per_quant_and_the_card_on_main(first_run, tmp_path):
+    result, _ = first_run
+    work = result.recipe.work_dir
+    source = tmp_path / "source"
+    source.mkdir()
+    (source / "README.md").write_text("---\nlicense: apache-2.0\nlicense_link: LICENSE\ntags: [x]\n---\n# src\n")
+    plan = plan_upload(work, "me/tiny-exl2", base_model="someone/tiny", source_dir=source)
+    hub = FakeHub()
+    assert upload(plan, api=hub, private=True) == ["4.0bpw", "5.0bpw"]
+    assert hub.repos == [("me/tiny-exl2", True)] and hub.branches == ["4.0bpw", "5.0bpw"]
+    for name in ("4.0bpw", "5.0bpw"):
+        folder = work / "quants" / name
+        sent = hub.commits[name]
+        local = {p.name for p in folder.iterdir() if p.is_file() and p.name != "README.md"}
+        assert set(sent) == local | {"README.md"}
+        assert sent["config.json"] == (folder / "config.json").read_bytes()
+        assert sent["README.md"].decode() == plan.card
+    assert set(hub.commits["main"]) == {"README.md", "measurement.json", "report/report.csv", "report/report.html"}
+    front = _front_matter(plan.card)
+    assert front["base_model"] == "someone/tiny" and front["base_model_relation"] == "quantized"
+    assert front["license"] == "apache-2.0" and front["license_link"] == "LICENSE" and "x" not in front["tags"]
+    assert front["pipeline_tag"] == "image-text-to-text" and "exl2" in front["tags"]
+    report = pd.read_csv(work / "report" / "report.csv")
+    for _, row in report.iterrows():
+        assert (
+            f"| {row['quant']}" in plan.card
+            or f"[{row['quant']}](https://huggingface.co/me/tiny-exl2/tree/" in plan.card
+        )
+        assert f"{row['kl_mean']:.4g}" in plan.card
+
+
+def test_upload_gates_refuse_with_reasons(first_run, tmp_path):
+    result, _ = first_run
+    work = result.recipe.work_dir
+    report = pd.read_csv(work / "report" / "report.csv").set_index("quant")
+    between = (report.loc["4.0bpw", "kl_mean"] + report.loc["5.0bpw", "kl_mean"]) / 2
+    plan = plan_upload(work, "me/x", gates=Gates(max_kl_mean=between))
+    assert list(plan.branches) == ["5.0bpw"] and "above the gate" in plan.refused["4.0bpw"]
+    assert "4.0bpw](" not in plan.card
+    with pytest.raises(UploadError, match=r"nothing to publish.*4\.0bpw.*5\.0bpw"):
+        plan_upload(work, "me/x", gates=Gates(min_top1_agreement=1.0))
+    # A quant changed after its evaluation, or whose vision tensors differ, is refused.
+    copy = tmp_path / "work"
+    shutil.copytree(work, copy)
+    marker = copy / "quants" / "4.0bpw" / "EXL2_COMPLETE.json"
+    marker.write_text(marker.read_text() + " ")
+    check = copy / "quants" / "5.0bpw" / "vision_check.json"
+    check.write_text(json.dumps({**json.loads(check.read_text()), "identical": False}))
+    with pytest.raises(UploadError) as info:
+        plan_upload(copy, "me/x")
+    assert "changed since it was evaluated" in str(info.value) and "vision tower" in str(info.value)
+
+
+def test_upload_hub_failure_is_one_line(first_run):
+    result, _ = first_run
+    plan = plan_upload(result.recipe.work_dir, "me/x")
+    with pytest.raises(UploadError, match=r"^Hub upload to me/x failed: 401 Client Error: Unauthorized \(check"):
+        upload(plan, api=FakeHub(fail=True))
+
+
+def test_run_upload_stage_needs_a_repo_and_publishes(first_run, recipe_path, monkeypatch):
+    _, cache = first_run
+    with pytest.raises(RecipeError, match=r"upload\.repo"):
+        run_recipe(load_recipe(recipe_path), stages=["upload"], cache_dir=cache)
+    hub = FakeHub()
+    monkeypatch.setattr("huggingface_hub.HfApi", lambda: hub)
+    recipe = load_recipe(recipe_path, overrides={"upload.repo": "me/tiny"})
+    done = run_recipe(recipe, stages=["upload"], cache_dir=cache)
+    assert done.stages["upload"]["branches"] == ["4.0bpw", "5.0bpw"] and set(hub.commits) == {
+        "4.0bpw",
+        "5.0bpw",
+        "main",
+    }
+
+
+def test_cli_upload_dry_run_writes_the_card(first_run):
+    result, _ = first_run
+    work = result.recipe.work_dir
+    proc = _exl2("upload", str(work), "--repo", "me/tiny", "--dry-run", "--max-kl", "1e-9")
+    assert proc.returncode == 2 and "nothing to publish" in proc.stderr
+    proc = _exl2("upload", str(work), "--repo", "me/tiny", "--dry-run")
+    assert proc.returncode == 0, proc.stderr
+    card = (work / "upload" / "README.md").read_text()
+    assert _front_matter(card)["library_name"] == "exllamav2" and "me/tiny/tree/4.0bpw" in card
