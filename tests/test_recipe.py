@@ -150,7 +150,7 @@ def test_save_resolved_round_trips(tmp_path):
 def test_resolved_fills_every_default(tmp_path):
     resolved = load_recipe(write(tmp_path, "r.yaml", MINIMAL)).resolved()
     assert resolved["measure"] == {"rows": 19, "length": 2048}
-    assert resolved["upload"] == {"repo": None, "private": False}
+    assert resolved["upload"] == {"repo": None, "private": False, "max_kl_mean": None, "min_top1_agreement": None}
     assert resolved["calibration"] == {"sources": ["exl2-default"], "seed": 0}
     assert resolved["eval"]["text"]["source"] == "pydoc-topics"
     assert resolved["work_dir"] == "work/t"  # relative: resolved against the current directory when used
