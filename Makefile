@@ -7,6 +7,7 @@ STAMP := $(VENV)/.installed
 TORCH_SPEC := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
 
 .PHONY: install demo bench test quality style clean
+.PRECIOUS: quant-% upload-%
 
 install: $(STAMP)
 
@@ -22,6 +23,17 @@ demo: $(STAMP)
 	$(BIN)/exl2 model build-default
 	$(BIN)/exl2 inspect "$$($(BIN)/exl2 model path)"
 	$(BIN)/exl2 run recipes/default.yaml
+
+# One target of a recipe: `make quant-4.0`, `make quant-6.0 RECIPE=recipes/pixtral-12b.yaml`. The measurement is
+# made once and shared, so each further target costs its quantize pass and its evaluation only; the report keeps
+# every quant of the work dir. `make upload-4.0` publishes that quant (the recipe's upload.repo, gates first).
+RECIPE ?= recipes/default.yaml
+
+quant-%: $(STAMP)
+	$(BIN)/exl2 run $(RECIPE) --bpw $*
+
+upload-%: $(STAMP)
+	$(BIN)/exl2 run $(RECIPE) --bpw $* --only upload
 
 bench: $(STAMP)
 	$(BIN)/python -m pipeline.bench

@@ -167,7 +167,8 @@ def run_eval(
     records = [ref_record]
     for quant_dir in quants:
         records.append(context.quant_record(quant_dir, inputs, reference, make_engine, force=force, progress=progress))
-    frame = report_frame(records)
+    # The report covers every quant of the work dir scored against this same reference, not only this call's.
+    frame = report_frame(load_records(work_dir, reference_key=key))
     files = write_report(frame, work_dir / "report", title=f"{context.run}: {model_dir.name} EXL2 quants")
     from eval.reference_cache import reference_dir
 
@@ -280,14 +281,27 @@ class _RunContext:
 _DTYPE_BITS = {"F32": 32, "F16": 16, "BF16": 16, "float32": 32, "float16": 16, "bfloat16": 16}
 
 
-def load_records(work_dir: Path) -> list[dict[str, Any]]:
-    """The report rows saved by earlier evaluations of this work dir: the reference first, then every quant."""
+def load_records(work_dir: Path, *, reference_key: str | None = None) -> list[dict[str, Any]]:
+    """The report rows saved by evaluations of this work dir: the reference first, then every quant scored
+    against that reference (the last one evaluated, or `reference_key`) whose folder is still as it was scored."""
     folder = work_dir / "eval"
-    reference = _read_json(folder / "reference.json").get("record")
+    saved_reference = _read_json(folder / "reference.json")
+    reference = saved_reference.get("record")
     if reference is None:
         raise EvalError(f"{folder / 'reference.json'}: missing; run `exl2 eval` on this work dir first")
-    quants = [_read_json(p).get("record") for p in sorted(folder.glob("*.json")) if p.name != "reference.json"]
-    return [reference, *(q for q in quants if q)]
+    key = reference_key or saved_reference.get("inputs", {}).get("reference")
+    quants = []
+    for path in sorted(folder.glob("*.json")):
+        saved = _read_json(path)
+        if path.name == "reference.json" or "record" not in saved:
+            continue
+        marker = work_dir / "quants" / path.stem / "EXL2_COMPLETE.json"
+        stamp = saved.get("inputs", {})
+        if stamp.get("reference") == key and stamp.get("quant") == _file_hash(marker):
+            quants.append(saved["record"])
+        else:
+            log.info("report: %s left out (scored against another reference, or its quant changed since)", path.name)
+    return [reference, *quants]
 
 
 def rebuild_report(work_dir: Path, *, title: str | None = None) -> Any:

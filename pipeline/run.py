@@ -101,12 +101,15 @@ def run_recipe(
 
 
 def _upload(recipe: Recipe, model_dir: Path) -> list[str]:
+    """Publish the recipe's targets (not every quant the work dir holds: `--bpw 4.0` publishes 4.0bpw only)."""
+    from pipeline.jobs import quant_name
     from pipeline.upload import Gates, plan_upload, upload
 
     config = recipe.upload
     plan = plan_upload(
         recipe.work_dir, str(config.repo), base_model=recipe.model.repo_id if recipe.model.kind == "hf" else None,
-        source_dir=model_dir, gates=Gates(config.max_kl_mean, config.min_top1_agreement),
+        source_dir=model_dir, quants=[quant_name(b, recipe.quantize.head_bits) for b in recipe.quantize.bpw],
+        gates=Gates(config.max_kl_mean, config.min_top1_agreement),
     )  # fmt: skip
     for name, why in plan.refused.items():
         log.warning("upload: %s not published: %s", name, why)

@@ -61,10 +61,24 @@ class Plan:
     """What an upload will do: the quants to publish (folder per branch), the refused ones and why, the card."""
 
     repo_id: str
+    work_dir: Path
+    report: pd.DataFrame
+    base_model: str | None = None
+    license_fields: dict[str, Any] = field(default_factory=dict)
     branches: dict[str, Path] = field(default_factory=dict)
     refused: dict[str, str] = field(default_factory=dict)
-    card: str = ""
     main_files: dict[str, Path] = field(default_factory=dict)
+
+    def card_for(self, quants: Sequence[str]) -> str:
+        """The card listing `quants` (in report order) under the full-precision row."""
+        rows = self.report[self.report["quant"].isin(list(quants)) | self.report["is_reference"].astype(bool)]
+        return model_card(rows, self.work_dir, self.repo_id, base_model=self.base_model,
+                          license_fields=self.license_fields)  # fmt: skip
+
+    @property
+    def card(self) -> str:
+        """The card of this upload's quants alone (what a dry run shows)."""
+        return self.card_for(list(self.branches))
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -128,7 +142,8 @@ def plan_upload(
     report = read_report(work_dir)
     rows = {str(r["quant"]): r for _, r in report.iterrows() if not bool(r.get("is_reference", False))}
     names = list(quants) if quants else list(rows)
-    plan = Plan(repo_id)
+    license_fields = source_license(source_dir) if source_dir else {}
+    plan = Plan(repo_id, work_dir, report, base_model, license_fields)
     for name in names:
         quant_dir = work_dir / "quants" / name
         problems = gate_problems(work_dir, quant_dir, rows.get(name), gates) if quant_dir.is_dir() else ["no folder"]
@@ -139,9 +154,6 @@ def plan_upload(
     if not plan.branches:
         reasons = "; ".join(f"{n}: {why}" for n, why in plan.refused.items()) or "the report lists no quant"
         raise UploadError(f"{work_dir}: nothing to publish ({reasons})")
-    published = report[report["quant"].isin(list(plan.branches)) | report["is_reference"].astype(bool)]
-    license_fields = source_license(source_dir) if source_dir else {}
-    plan.card = model_card(published, work_dir, repo_id, base_model=base_model, license_fields=license_fields)
     for name in ("measurement.json",):
         if (work_dir / name).is_file():
             plan.main_files[name] = work_dir / name
@@ -253,6 +265,10 @@ def _how_made(work_dir: Path, quants: pd.DataFrame) -> list[str]:
     return lines
 
 
+def _existing_branches(api: Any, repo_id: str) -> set[str]:
+    return {ref.name for ref in api.list_repo_refs(repo_id).branches} - {"main"}
+
+
 def upload(plan: Plan, *, api: Any = None, private: bool = False) -> list[str]:
     """Send the plan: create the repository, one commit per branch (the quant folder plus the card as its
     README.md), then the card, measurement and report on main. Returns the branch names published."""
@@ -261,7 +277,9 @@ def upload(plan: Plan, *, api: Any = None, private: bool = False) -> list[str]:
     api = api or HfApi()
     try:
         api.create_repo(plan.repo_id, private=private, exist_ok=True, repo_type="model")
-        card = plan.card.encode("utf-8")
+        # Quants published earlier (one bpw at a time) stay in the card on main.
+        listed = set(plan.branches) | _existing_branches(api, plan.repo_id)
+        card = plan.card_for([q for q in plan.report["quant"] if q in listed]).encode("utf-8")
         for name, quant_dir in plan.branches.items():
             api.create_branch(plan.repo_id, branch=name, exist_ok=True)
             files = sorted(p for p in quant_dir.iterdir() if p.is_file() and p.name != "README.md")

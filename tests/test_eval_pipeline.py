@@ -441,3 +441,16 @@ def test_exllamav2_engine_without_cuda_is_refused_before_any_work(vlm_dir, work,
     with pytest.raises(CudaRequiredError, match="CUDA"):
         spec = eval_spec.model_copy(update={"engine": "exllamav2"})
         run_eval(vlm_dir, work_dir, spec, device="cpu", cache_dir=cache)
+
+
+def test_the_report_covers_every_quant_scored_against_the_reference(vlm_dir, work, eval_spec, evaluated, tmp_path):
+    work_dir, cache = work
+    run_eval(vlm_dir, work_dir, eval_spec, quants=[work_dir / "quants" / QUANTS[0]], device="cpu", cache_dir=cache)
+    report = pd.read_csv(work_dir / "report" / "report.csv")
+    assert list(report["quant"]) == [REFERENCE_NAME, *QUANTS]  # the other quant's saved row is kept
+    copy = tmp_path / "copy"
+    shutil.copytree(work_dir, copy)
+    marker = copy / "quants" / QUANTS[1] / "EXL2_COMPLETE.json"
+    marker.write_text(marker.read_text() + " ")  # the quant changed since it was scored: its row is stale
+    frame, _ = evaluation.rebuild_report(copy)
+    assert list(frame["quant"]) == [REFERENCE_NAME, QUANTS[0]]

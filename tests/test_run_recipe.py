@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pandas as pd
 import pytest
@@ -116,11 +117,15 @@ def test_cli_bad_recipe_is_one_line(recipe_path, tmp_path):
 class FakeHub:
     """Records what would be sent to the Hub: repositories, branches, and each commit's files by revision."""
 
-    def __init__(self, fail: bool = False) -> None:
+    def __init__(self, fail: bool = False, existing: tuple[str, ...] = ()) -> None:
         self.repos: list[tuple[str, bool]] = []
         self.branches: list[str] = []
         self.commits: dict[str, dict[str, bytes]] = {}
         self.fail = fail
+        self.existing = existing
+
+    def list_repo_refs(self, repo_id):
+        return SimpleNamespace(branches=[SimpleNamespace(name=n) for n in ("main", *self.existing)])
 
     def create_repo(self, repo_id, *, private=False, exist_ok=False, repo_type=None):
         if self.fail:
@@ -226,3 +231,14 @@ def test_cli_upload_dry_run_writes_the_card(first_run):
     assert proc.returncode == 0, proc.stderr
     card = (work / "upload" / "README.md").read_text()
     assert _front_matter(card)["library_name"] == "exllamav2" and "me/tiny/tree/4.0bpw" in card
+
+
+def test_uploading_one_quant_keeps_earlier_branches_in_the_card(first_run):
+    result, _ = first_run
+    plan = plan_upload(result.recipe.work_dir, "me/tiny", quants=["4.0bpw"])
+    hub = FakeHub(existing=("5.0bpw",))
+    assert upload(plan, api=hub) == ["4.0bpw"]
+    assert set(hub.commits) == {"4.0bpw", "main"}
+    card = hub.commits["main"]["README.md"].decode()
+    assert "me/tiny/tree/4.0bpw" in card and "me/tiny/tree/5.0bpw" in card
+    assert "me/tiny/tree/5.0bpw" not in plan.card  # the dry-run card is this upload's alone
