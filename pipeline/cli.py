@@ -319,9 +319,8 @@ def evaluate(
     if as_json:
         typer.echo(json.dumps({"event": "result", "records": result.records}, default=str))
         return
-    from eval.report import report_frame
 
-    _print_report(report_frame(result.records), result.report)
+    _print_report(result.frame, result.report)
     size = result.reference_bytes / 2**20
     state = "reused" if result.reference_cached else "computed"
     console.print(f"reference: {result.reference_dir} ({size:.2f} MiB, {state})", highlight=False, soft_wrap=True)
@@ -420,9 +419,8 @@ def run(
     for name, info in result.stages.items():
         console.print(f"{name}: {info.get('wall_s')} s", highlight=False)
     if result.evaluation is not None:
-        from eval.report import report_frame
 
-        _print_report(report_frame(result.evaluation.records), result.evaluation.report)
+        _print_report(result.evaluation.frame, result.evaluation.report)
     console.print(f"work dir: {loaded.work_dir}", highlight=False, soft_wrap=True)
 
 

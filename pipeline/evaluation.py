@@ -46,6 +46,7 @@ class EvalRun:
     reference_bytes: int
     reference_cached: bool
     report: Any  # eval.report.ReportFiles
+    frame: Any = None  # the report's DataFrame: every quant of the work dir, not only this call's records
 
 
 def complete_quants(work_dir: Path) -> list[Path]:
@@ -172,7 +173,7 @@ def run_eval(
     files = write_report(frame, work_dir / "report", title=f"{context.run}: {model_dir.name} EXL2 quants")
     from eval.reference_cache import reference_dir
 
-    return EvalRun(records, reference_dir(cache, key), size, cached, files)
+    return EvalRun(records, reference_dir(cache, key), size, cached, files, frame)
 
 
 def _eval_dir(work_dir: Path) -> Path:
