@@ -419,9 +419,35 @@ def run(
     for name, info in result.stages.items():
         console.print(f"{name}: {info.get('wall_s')} s", highlight=False)
     if result.evaluation is not None:
-
         _print_report(result.evaluation.frame, result.evaluation.report)
     console.print(f"work dir: {loaded.work_dir}", highlight=False, soft_wrap=True)
+
+
+@app.command()
+def batch(
+    recipes: Annotated[list[Path], typer.Argument(help="Recipe files, run in this order.")],
+    upload: Annotated[bool, typer.Option("--upload", help="Also publish each recipe's quants.")] = False,
+    log_dir: Annotated[Path, typer.Option(help="Where each recipe's log and the summary go.")] = Path("work/logs"),
+    stop_on_error: Annotated[bool, typer.Option(help="Stop at the first failed recipe.")] = False,
+) -> None:
+    """Run several recipes in a row, each in its own process with its own log (for cron or a scheduler); exits 1
+    when any failed."""
+    from pipeline.batch import run_batch
+
+    missing = [str(r) for r in recipes if not r.is_file()]
+    if missing:
+        raise typer.BadParameter(f"no such recipe file: {', '.join(missing)}")
+    items, summary = run_batch(recipes, log_dir=log_dir, run_args=["--upload"] if upload else [],
+                               stop_on_error=stop_on_error)  # fmt: skip
+    table = Table(title="batch")
+    for col in ("recipe", "status", "wall_s", "log", "error"):
+        table.add_column(col)
+    for item in items:
+        table.add_row(item.recipe, item.status, str(item.wall_s), item.log, item.error or "")
+    console.print(table)
+    console.print(f"summary: {summary}", highlight=False, soft_wrap=True)
+    if any(item.status != "ok" for item in items):
+        raise typer.Exit(1)
 
 
 @app.command("upload")

@@ -8,10 +8,13 @@ adding a target only does the missing work. The resolved recipe is saved as `wor
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,9 +54,6 @@ def run_recipe(
     force: bool = False,
 ) -> RunResult:
     """Run the recipe's stages in order (a subset with `stages`) and return what each did."""
-    from pipeline.evaluation import run_eval
-    from pipeline.jobs import run_measure, run_quantize
-
     unknown = [s for s in stages if s not in ALL_STAGES]
     if unknown:
         raise RecipeError(f"unknown stage(s) {', '.join(unknown)}; stages are {', '.join(ALL_STAGES)}")
@@ -62,6 +62,41 @@ def run_recipe(
     progress = progress or NullProgress()
     work = recipe.work_dir
     work.mkdir(parents=True, exist_ok=True)
+    with work_dir_lock(work):
+        return _run_stages(recipe, stages, cache_dir=cache_dir, progress=progress, force=force)
+
+
+@contextmanager
+def work_dir_lock(work: Path) -> Iterator[None]:
+    """Hold `work/.lock` exclusively for the run: a scheduled job that starts while the previous one still runs
+    on the same work dir is refused, instead of both writing the same files."""
+    path = work / ".lock"
+    handle = path.open("a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise RecipeError(f"{work}: in use by {holder}; wait for it to finish or use another work_dir") from None
+    try:
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}")
+        handle.flush()
+        yield
+    finally:
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()
+
+
+def _run_stages(
+    recipe: Recipe, stages: Sequence[str], *, cache_dir: Path | None, progress: Progress, force: bool
+) -> RunResult:
+    from pipeline.evaluation import run_eval
+    from pipeline.jobs import run_measure, run_quantize
+
+    work = recipe.work_dir
     save_resolved(recipe, work / "recipe.yaml")
     model_dir = resolve_model(recipe.model, cache_dir=cache_dir)
     result = RunResult(recipe, model_dir)

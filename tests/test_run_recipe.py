@@ -1,5 +1,5 @@
 """`exl2 run RECIPE` on a tiny VLM: every stage in order, the saved recipe and run record, the report, skipping on
-a rerun, stage selection, and the CLI's overrides."""
+a rerun, stage selection, the CLI's overrides, the work-dir lock, batches, and publishing to the Hub."""
 
 from __future__ import annotations
 
@@ -15,8 +15,9 @@ import pytest
 import yaml
 from fixtures_calibration import doc_texts, make_tiny_vlm
 
+from pipeline.batch import run_batch
 from pipeline.recipe import load_recipe
-from pipeline.run import run_recipe
+from pipeline.run import run_recipe, work_dir_lock
 from pipeline.upload import Gates, UploadError, plan_upload, upload
 from quantize.errors import RecipeError
 
@@ -242,3 +243,30 @@ def test_uploading_one_quant_keeps_earlier_branches_in_the_card(first_run):
     card = hub.commits["main"]["README.md"].decode()
     assert "me/tiny/tree/4.0bpw" in card and "me/tiny/tree/5.0bpw" in card
     assert "me/tiny/tree/5.0bpw" not in plan.card  # the dry-run card is this upload's alone
+
+
+# ------------------------------------------------------------------------------------------ batch and lock
+
+
+def test_a_work_dir_in_use_is_refused(first_run, recipe_path):
+    _, cache = first_run
+    recipe = load_recipe(recipe_path)
+    with work_dir_lock(recipe.work_dir), pytest.raises(RecipeError, match=r"in use by pid \d+"):
+        run_recipe(recipe, stages=["eval"], cache_dir=cache)
+    run_recipe(recipe, stages=["eval"], cache_dir=cache)  # released: runs again
+
+
+def test_batch_runs_each_recipe_and_reports_failures_and_busy_ones(first_run, recipe_path, tmp_path, monkeypatch):
+    _, cache = first_run
+    monkeypatch.setenv("EXL2_CACHE", str(cache))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(recipe_path.read_text().replace("bpw:", "bpww:"))
+    items, summary = run_batch([recipe_path, bad], log_dir=tmp_path / "logs", run_args=["--only", "eval"])
+    assert [i.status for i in items] == ["ok", "failed"]
+    assert "bpww" in items[1].error and Path(items[0].log).read_text().strip()
+    assert [i["status"] for i in json.loads(summary.read_text())] == ["ok", "failed"]
+    with work_dir_lock(load_recipe(recipe_path).work_dir):
+        (busy,), _ = run_batch([recipe_path], log_dir=tmp_path / "logs")
+    assert busy.status == "busy" and "in use by" in busy.error
+    stopped, _ = run_batch([bad, recipe_path], log_dir=tmp_path / "logs", stop_on_error=True)
+    assert [i.status for i in stopped] == ["failed"]
