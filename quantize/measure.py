@@ -126,7 +126,9 @@ def measure_slot(
         for qp in cand.distinct_configs(slot.mode, linear.split(".")[-1]):
             _, quantized = gptq_quantize(weight, hessians[slot.hessian_of[linear]], qp, bias=bias)
             bits = total_bits(qp, k_in, n_out, bias_numel=0 if bias is None else bias.numel())
-            fake[linear, qp.desc] = (quantized.to(weight.dtype), bits)
+            # ~40 candidates per slot: kept as GPTQ returns them (fp16, exact) and in host memory, not as fp32 on
+            # the device: at Pixtral-Large's MLP that is 28 GB of RAM instead of 56 GB of VRAM.
+            fake[linear, qp.desc] = (quantized.cpu(), bits)
     entries = []
     for row in cand.candidate_rows(slot.mode):
         trial = dict(weights)
@@ -134,7 +136,8 @@ def measure_slot(
         for linear in slot.linears:
             short = linear.split(".")[-1]
             chosen: QParams = row[short]
-            trial[f"{linear}.weight"], bits = fake[linear, chosen.desc]
+            stored, bits = fake[linear, chosen.desc]
+            trial[f"{linear}.weight"] = stored.to(weights[f"{linear}.weight"].device, weights[f"{linear}.weight"].dtype)
             entry["total_bits"] += bits
             entry[short] = chosen.to_dict()
         entry["accuracy"] = max(1e-6, 1.0 - relative_error(ctx, slot, trial, states, reference))
