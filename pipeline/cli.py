@@ -143,6 +143,9 @@ Sources = Annotated[
 WorkDir = Annotated[Path, typer.Option("--out", "-o", help="Work directory: measurement.json and quants/.")]
 Device = Annotated[str, typer.Option(help="auto (CUDA when present, else CPU), cpu, or cuda[:N].")]
 Seed = Annotated[int, typer.Option(help="Seed of the calibration rows and the optimizer.")]
+ResourceCheck = Annotated[
+    bool, typer.Option("--resource-check/--no-resource-check", help="Refuse a stage the machine is too small for.")
+]
 
 
 def _device(name: str) -> str:
@@ -169,6 +172,7 @@ def measure(
     seed: Seed = 0,
     device: Device = "auto",
     force: Annotated[bool, typer.Option(help="Measure again even if an up-to-date measurement exists.")] = False,
+    resource_check: ResourceCheck = True,
     cache_dir: CacheDir = None,
     as_json: JsonFlag = False,
 ) -> None:
@@ -179,8 +183,9 @@ def measure(
     spec = make_spec(source, rows=rows, length=length, seed=seed)
     with _progress(as_json) as progress:
         result = run_measure(
-            model_dir, out, spec, device=_device(device), cache_dir=cache_dir, progress=progress, force=force
-        )
+            model_dir, out, spec, device=_device(device), cache_dir=cache_dir, progress=progress, force=force,
+            resource_check=resource_check,
+        )  # fmt: skip
     summary = {"measurement": str(result.path), "skipped": result.skipped, **result.usage.as_dict()}
     if as_json:
         typer.echo(json.dumps({"event": "result", **summary}))
@@ -211,6 +216,7 @@ def quantize(
     device: Device = "auto",
     shard_size: Annotated[float, typer.Option(help="Shard size limit in MB (0: one shard).")] = 8192,
     force: Annotated[bool, typer.Option(help="Quantize again even if an up-to-date quant exists.")] = False,
+    resource_check: ResourceCheck = True,
     cache_dir: CacheDir = None,
     as_json: JsonFlag = False,
 ) -> None:
@@ -225,7 +231,7 @@ def quantize(
         results = run_quantize(
             model_dir, out, targets, spec, head_bits=head_bits, measurement_path=measurement, seed=seed,
             device=_device(device), shard_size_mb=shard_size, cache_dir=cache_dir, progress=progress,
-            command=command, force=force,
+            command=command, force=force, resource_check=resource_check,
         )  # fmt: skip
     rows_out = [
         {"quant": r.name, "target_bpw": r.target_bpw, "bpw": round(r.bpw, 4), "head_bits": r.head_bits,
@@ -388,6 +394,7 @@ def run(
     upload: Annotated[bool, typer.Option("--upload", help="Also publish to the recipe's upload.repo.")] = False,
     print_config: Annotated[bool, typer.Option(help="Print the resolved recipe and stop.")] = False,
     force: Annotated[bool, typer.Option(help="Redo every stage even when up to date.")] = False,
+    resource_check: ResourceCheck = True,
     cache_dir: CacheDir = None,
     as_json: JsonFlag = False,
 ) -> None:
@@ -412,7 +419,8 @@ def run(
     if upload and "upload" not in stages:
         stages.append("upload")
     with _progress(as_json) as progress:
-        result = run_recipe(loaded, stages=stages, cache_dir=cache_dir, progress=progress, force=force)
+        result = run_recipe(loaded, stages=stages, cache_dir=cache_dir, progress=progress, force=force,
+                            resource_check=resource_check)  # fmt: skip
     if as_json:
         typer.echo(json.dumps({"event": "result", "stages": result.stages}, default=str))
         return
@@ -448,6 +456,44 @@ def batch(
     console.print(f"summary: {summary}", highlight=False, soft_wrap=True)
     if any(item.status != "ok" for item in items):
         raise typer.Exit(1)
+
+
+@app.command()
+def estimate(
+    model_dir: ModelDir,
+    rows: Annotated[int, typer.Option(help="Measurement rows.")] = 19,
+    quant_rows: Annotated[int, typer.Option(help="Quantization rows.")] = 115,
+    length: Annotated[int, typer.Option(help="Tokens per row.")] = 2048,
+    bpw: Annotated[float, typer.Option(help="Largest target, for the disk.")] = 8.0,
+    device: Device = "auto",
+    work_dir: Annotated[Path, typer.Option("--out", "-o", help="Where the outputs would go (for free disk).")] = Path(
+        "work"
+    ),
+    as_json: JsonFlag = False,
+) -> None:
+    """How much RAM, GPU memory and disk measuring and quantizing this model take, against what this machine has
+    (only config.json and the shards' headers are read)."""
+    from pipeline.estimate import available, shortfalls
+    from pipeline.estimate import estimate as estimate_need
+    from quantize.adapters import load_adapter
+
+    adapter, dev = load_adapter(model_dir), _device(device)
+    have = available(dev, work_dir)
+    needs = [estimate_need(adapter, "measure", rows=rows, length=length, device=dev),
+             estimate_need(adapter, "quantize", rows=quant_rows, length=length, device=dev, bpw=bpw)]  # fmt: skip
+    if as_json:
+        _print_json({"device": dev, "available": have.__dict__, "needs": [n.__dict__ for n in needs]})
+        return
+    table = Table(title=f"{adapter.model_dir.name} on {dev}")
+    for col in ("stage", "RAM GiB", "GPU GiB", "disk GiB", "fits"):
+        table.add_column(col)
+    for need in needs:
+        lacking = shortfalls(need, have)
+        table.add_row(need.stage, f"{need.host / 2**30:.1f}", f"{need.device / 2**30:.1f}", f"{need.disk / 2**30:.1f}",
+                      "yes" if not lacking else "no: " + "; ".join(lacking))  # fmt: skip
+    console.print(table)
+    gpu = "n/a" if have.device is None else f"{have.device / 2**30:.1f}"
+    console.print(f"available: RAM {have.host / 2**30:.1f} GiB, GPU {gpu} GiB, disk {have.disk / 2**30:.1f} GiB")
 
 
 @app.command("upload")

@@ -99,6 +99,17 @@ class MeasureResult:
     calibration_fingerprint: str
 
 
+def check_resources(adapter: ModelAdapter, stage: str, *, rows: int, length: int, device: str, work_dir: Path,
+                    bpw: float = 8.0) -> None:  # fmt: skip
+    """Refuse a stage the machine cannot hold, before it starts (pipeline.estimate)."""
+    from pipeline.estimate import check, estimate
+
+    need = estimate(adapter, stage, rows=rows, length=length, device=device, bpw=bpw)
+    log.info("%s: needs about %.1f GiB RAM, %.1f GiB GPU, %.1f GiB disk", stage, need.host / 2**30,
+             need.device / 2**30, need.disk / 2**30)  # fmt: skip
+    check(need, device, work_dir)
+
+
 def _checkpoint(folder: Path, inputs: dict[str, Any], interval_s: float) -> LayerCheckpoint:
     key = hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()
     return LayerCheckpoint(folder, key, interval_s=interval_s)
@@ -114,6 +125,7 @@ def run_measure(
     progress: Progress | None = None,
     force: bool = False,
     checkpoint_interval_s: float = DEFAULT_INTERVAL_S,
+    resource_check: bool = True,
 ) -> MeasureResult:
     """Measure once per (model, calibration): writes work_dir/measurement.json unless it is already there. An
     interrupted measurement resumes from its last checkpoint (work_dir/.measurement.checkpoint/)."""
@@ -130,6 +142,8 @@ def run_measure(
         if meta.get("inputs") == inputs:
             log.info("measurement: %s is up to date (same model, calibration and tool version); skipped", path)
             return MeasureResult(path, True, Usage(**meta.get("usage_raw", {})), calset.fingerprint)
+    if resource_check:
+        check_resources(adapter, "measure", rows=spec.rows, length=spec.length, device=device, work_dir=work_dir)
     checkpoint = _checkpoint(work_dir / ".measurement.checkpoint", inputs, checkpoint_interval_s)
     if force:
         checkpoint.clear()
@@ -189,6 +203,7 @@ def run_quantize(
     command: str = "",
     force: bool = False,
     checkpoint_interval_s: float = DEFAULT_INTERVAL_S,
+    resource_check: bool = True,
 ) -> list[QuantResult]:
     """One EXL2 folder per target bpw under work_dir/quants/, all from one measurement (no new measurement)."""
     from quantize.optimize import load_measurement, optimize_many, slots_from_measurement
@@ -196,6 +211,9 @@ def run_quantize(
     targets = validate_targets(targets, head_bits)
     adapter = load_adapter(model_dir)
     check_model_fits_format(adapter)
+    if resource_check:
+        check_resources(adapter, "quantize", rows=spec.rows, length=spec.length, device=device, work_dir=work_dir,
+                        bpw=max(targets))  # fmt: skip
     measurement_path = measurement_path or work_dir / "measurement.json"
     measurement = load_measurement(measurement_path)
     slots = slots_from_measurement(measurement, slot_numel(adapter), source=str(measurement_path))

@@ -52,6 +52,7 @@ def run_recipe(
     cache_dir: Path | None = None,
     progress: Progress | None = None,
     force: bool = False,
+    resource_check: bool = True,
 ) -> RunResult:
     """Run the recipe's stages in order (a subset with `stages`) and return what each did."""
     unknown = [s for s in stages if s not in ALL_STAGES]
@@ -63,7 +64,8 @@ def run_recipe(
     work = recipe.work_dir
     work.mkdir(parents=True, exist_ok=True)
     with work_dir_lock(work):
-        return _run_stages(recipe, stages, cache_dir=cache_dir, progress=progress, force=force)
+        return _run_stages(recipe, stages, cache_dir=cache_dir, progress=progress, force=force,
+                           resource_check=resource_check)  # fmt: skip
 
 
 @contextmanager
@@ -91,7 +93,13 @@ def work_dir_lock(work: Path) -> Iterator[None]:
 
 
 def _run_stages(
-    recipe: Recipe, stages: Sequence[str], *, cache_dir: Path | None, progress: Progress, force: bool
+    recipe: Recipe,
+    stages: Sequence[str],
+    *,
+    cache_dir: Path | None,
+    progress: Progress,
+    force: bool,
+    resource_check: bool,
 ) -> RunResult:
     from pipeline.evaluation import run_eval
     from pipeline.jobs import run_measure, run_quantize
@@ -105,7 +113,7 @@ def _run_stages(
     if "measure" in stages:
         with _stage(result, "measure") as info:
             measured = run_measure(model_dir, work, recipe.measure_calibration(), device=device, cache_dir=cache_dir,
-                                   progress=progress, force=force)  # fmt: skip
+                                   progress=progress, force=force, resource_check=resource_check)  # fmt: skip
             info.update(skipped=measured.skipped, path=str(measured.path))
     if "quantize" in stages:
         with _stage(result, "quantize") as info:
@@ -113,7 +121,7 @@ def _run_stages(
                 model_dir, work, recipe.quantize.bpw, recipe.quantize_calibration(),
                 head_bits=recipe.quantize.head_bits, seed=recipe.calibration.seed, device=device,
                 shard_size_mb=recipe.quantize.shard_size_mb, cache_dir=cache_dir, progress=progress,
-                command=command, force=force,
+                command=command, force=force, resource_check=resource_check,
             )  # fmt: skip
             info.update(quants=[q.name for q in quants], skipped=[q.name for q in quants if q.skipped])
     if "eval" in stages:
