@@ -110,12 +110,15 @@ def _lm_keys(adapter: ModelAdapter) -> list[str]:
     return adapter.keys_with_role(Role.LINEAR, Role.LINEAR_BIAS, Role.NORM, Role.EMBEDDING, Role.HEAD)
 
 
-def engine_factory(spec: EvalSpec, *, device: str, resident: bool) -> Callable[[Path], EvalEngine]:
-    """How to load a quant folder as the evaluation engine `spec.engine` names."""
+def engine_factory(
+    spec: EvalSpec, *, device: str, resident: bool, max_seq_len: int = 4096
+) -> Callable[[Path], EvalEngine]:
+    """How to load a quant folder as the evaluation engine `spec.engine` names; exllamav2 sizes its buffers for
+    `max_seq_len` (the longest evaluation sequence, answers included)."""
     if spec.engine == "exllamav2":
         from eval.exllamav2_engine import load_exllamav2_engine
 
-        return lambda quant_dir: load_exllamav2_engine(quant_dir)
+        return lambda quant_dir: load_exllamav2_engine(quant_dir, max_seq_len=max_seq_len)
     from eval.torch_engine import quant_engine
 
     return lambda quant_dir: quant_engine(quant_dir, device=device, resident=resident)
@@ -164,7 +167,7 @@ def run_eval(
         )
     ref_record = context.reference_record(adapter, reference, usage, cached=cached, cache_bytes=size)
     write_json(_eval_dir(work_dir) / "reference.json", {"inputs": {"reference": key}, "record": ref_record})
-    make_engine = engine_factory(spec, device=device, resident=resident)
+    make_engine = engine_factory(spec, device=device, resident=resident, max_seq_len=_longest(inputs))
     records = [ref_record]
     for quant_dir in quants:
         records.append(context.quant_record(quant_dir, inputs, reference, make_engine, force=force, progress=progress))
@@ -174,6 +177,15 @@ def run_eval(
     from eval.reference_cache import reference_dir
 
     return EvalRun(records, reference_dir(cache, key), size, cached, files, frame)
+
+
+def _longest(inputs: EvalInputs) -> int:
+    """The longest sequence any engine will see: a text window, or a prompt with its longest answer."""
+    lengths = [int(inputs.text.shape[1])] if inputs.text is not None else []
+    answer = inputs.spec.images.max_new_tokens if inputs.spec.images else 0
+    lengths += [len(p.sequence) + answer for p in inputs.images]
+    lengths += [len(s) + v.max_new_tokens for v in inputs.vqa for s in v.sequences]
+    return max(lengths, default=256)
 
 
 def _eval_dir(work_dir: Path) -> Path:
