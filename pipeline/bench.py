@@ -56,8 +56,16 @@ def bench_default(args: argparse.Namespace) -> dict[str, Any]:
         row = {k: _rounded(record.get(k)) for k in keep}
         row["size_mib"] = round(record["size_bytes"] / 2**20, 1)
         rows.append({**row, **usage.get(record["quant"], {})})
+    from pipeline.estimate import estimate
+    from quantize.adapters import load_adapter
+
+    adapter = load_adapter(model_dir)
+    guess = {stage: round(estimate(adapter, stage, rows=rows, length=args.length, device="cpu").host / 2**20, 1)
+             for stage, rows in (("measure", args.rows), ("quantize", args.quant_rows))}  # fmt: skip
     return {
-        "measurement": {"rows": args.rows, "length": args.length, **measured.usage.as_dict()},
+        "measurement": {"rows": args.rows, "length": args.length, **measured.usage.as_dict(),
+                        "estimated_peak_mib": guess["measure"]},
+        "quantize_estimated_peak_mib": guess["quantize"],
         "quant_rows": args.quant_rows,
         "eval": {"rows": args.eval_rows, "length": args.length, "text": "pydoc-topics", "image_prompts": 16,
                  "reference_mib": round(evaluation.reference_bytes / 2**20, 2), "report": str(evaluation.report.html)},
@@ -120,7 +128,9 @@ def markdown(results: dict[str, Any]) -> str:
         m = d["measurement"]
         cols = BENCH_COLUMNS
         lines += [
-            f"measurement ({m['rows']} rows x {m['length']} tokens): {m['wall_s']} s, peak RSS {m['peak_rss_mib']} MiB",
+            f"measurement ({m['rows']} rows x {m['length']} tokens): {m['wall_s']} s, peak RSS {m['peak_rss_mib']} MiB "
+            f"(estimated {m.get('estimated_peak_mib')}); quants' peak RSS estimated "
+            f"{d.get('quantize_estimated_peak_mib')}",
             "",
             "| " + " | ".join(cols) + " |",
             "|" + "---|" * len(cols),
