@@ -53,3 +53,18 @@ def test_a_machine_too_small_is_refused_before_any_work(tiny, tmp_path, monkeypa
     with pytest.raises(ResourceError, match="quantize needs"):
         run_quantize(model, tmp_path / "w", [4.0], spec, cache_dir=cache)
     assert not (tmp_path / "w" / "quants").exists()
+
+
+def test_cli_estimate_prints_each_stage(tiny):
+    import json as json_module
+
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    result = CliRunner().invoke(app, ["estimate", str(tiny[0]), "--rows", "4", "--length", "64", "--device", "cpu",
+                                      "--json"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    data = json_module.loads(result.output)
+    assert [n["stage"] for n in data["needs"]] == ["measure", "quantize"]
+    assert data["needs"][1]["disk"] > 0 and data["available"]["host"] > 0
