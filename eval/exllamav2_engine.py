@@ -54,6 +54,7 @@ import gc
 import importlib
 import logging
 import math
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -161,6 +162,9 @@ def placeholder_ids(input_ids: torch.Tensor, blocks: Sequence[tuple[tuple[int, i
     return ids.unsqueeze(0)
 
 
+IMAGE_BLOCKS_KEPT = 128
+
+
 # --- loading -----------------------------------------------------------------------------------------------------
 
 
@@ -234,6 +238,7 @@ class ExLlamaV2Engine:
             self.decisions.append(f"torch CPU threads restored to {threads} (exllamav2's import set 1)")
         self.model_dir = Path(model_dir)
         self._model: Any = None
+        self._blocks: OrderedDict[int, tuple[EvalImage, Any]] = OrderedDict()
         self._vision: Any = None
         self._tokenizer: Any = None
         self._config = _read_config(exl2, self.model_dir, max_seq_len)
@@ -266,13 +271,11 @@ class ExLlamaV2Engine:
 
     def logits(self, sequences: Sequence[EvalSequence]) -> Iterator[torch.Tensor]:
         """For each sequence, float32 CPU logits [n, vocab] (exllamav2 computes them in fp16)."""
-        memo: dict[int, Any] = {}
         for sequence in sequences:
-            yield self._forward(sequence, last_only=False, memo=memo)
+            yield self._forward(sequence, last_only=False, memo=self._blocks)
 
     def next_logits(self, sequences: Sequence[EvalSequence]) -> torch.Tensor:
-        memo: dict[int, Any] = {}
-        rows = [self._forward(s, last_only=True, memo=memo)[-1] for s in sequences]
+        rows = [self._forward(s, last_only=True, memo=self._blocks)[-1] for s in sequences]
         return torch.stack(rows) if rows else torch.zeros(0, self.vocab_size)
 
     def close(self) -> None:
@@ -280,6 +283,7 @@ class ExLlamaV2Engine:
             if part is not None:
                 part.unload()
         self._vision = self._model = self._tokenizer = None
+        self._blocks.clear()
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -301,7 +305,7 @@ class ExLlamaV2Engine:
             raise EvalError(f"the exllamav2 engine for {self.model_dir} is closed")
         return self._model
 
-    def _forward(self, sequence: EvalSequence, *, last_only: bool, memo: dict[int, Any]) -> torch.Tensor:
+    def _forward(self, sequence: EvalSequence, *, last_only: bool, memo: OrderedDict[int, Any]) -> torch.Tensor:
         model = self._open()
         n = len(sequence)
         if not 0 < n <= self.max_len:
@@ -312,11 +316,12 @@ class ExLlamaV2Engine:
         logits = model.forward(ids, last_id_only=last_only, **extra)
         return logits[0, :, : self.vocab_size].float().cpu()
 
-    def _image_block(self, image: EvalImage, memo: dict[int, Any]) -> Any:
+    def _image_block(self, image: EvalImage, memo: OrderedDict[int, Any]) -> Any:
         if self._vision is None:
             raise EvalError(f"{self.model_dir} has no vision tower, but a sequence has an image")
         if id(image) in memo:
-            return memo[id(image)]
+            memo.move_to_end(id(image))
+            return memo[id(image)][1]
         cfg = self._config
         patch, merge = int(cfg.vision_patch_size["height"]), int(cfg.vision_spatial_merge_size)
         ours = our_grid(image.image_size, patch=patch, merge=merge)
@@ -331,7 +336,12 @@ class ExLlamaV2Engine:
         theirs = (rows // merge, cols // merge)
         check_image_grid(theirs, ours, span_length, patch=patch)
         block = self._embedding_cls(model=self._model, embeddings=aligned_block(embedding.embeddings, theirs))
-        memo[id(image)] = block
+        # Kept (with the image itself, so its id is never reused) for the next calls: greedy decoding asks for the
+        # same prompts' images at every step. The least recently used go first past IMAGE_BLOCKS_KEPT, which bounds
+        # the GPU memory they hold (about 25 MB per Pixtral-Large image).
+        memo[id(image)] = (image, block)
+        while len(memo) > IMAGE_BLOCKS_KEPT:
+            memo.popitem(last=False)
         return block
 
 
