@@ -264,7 +264,7 @@ class _RunContext:
             finally:
                 engine.close()
         record = {**self.common(usage), **self.quant_facts(quant_dir), **metrics}
-        write_json(path, {"inputs": stamp, "record": record})
+        write_json(path, {"inputs": stamp, "record": record, "quant_dir": str(quant_dir.resolve())})
         log.info("eval %s: KL %.4f, ppl %.3f, %.1f s", quant_dir.name, record.get("kl_mean", float("nan")),
                  record.get("ppl", float("nan")), usage.wall_s)  # fmt: skip
         return record
@@ -308,7 +308,8 @@ def load_records(work_dir: Path, *, reference_key: str | None = None) -> list[di
         saved = _read_json(path)
         if path.name == "reference.json" or "record" not in saved:
             continue
-        marker = work_dir / "quants" / path.stem / "EXL2_COMPLETE.json"
+        # A quant may live outside this work dir (`exl2 eval -q DIR`): its eval file says where.
+        marker = Path(saved.get("quant_dir") or work_dir / "quants" / path.stem) / "EXL2_COMPLETE.json"
         stamp = saved.get("inputs", {})
         if stamp.get("reference") == key and stamp.get("quant") == _file_hash(marker):
             quants.append(saved["record"])

@@ -454,3 +454,12 @@ def test_the_report_covers_every_quant_scored_against_the_reference(vlm_dir, wor
     marker.write_text(marker.read_text() + " ")  # the quant changed since it was scored: its row is stale
     frame, _ = evaluation.rebuild_report(copy)
     assert list(frame["quant"]) == [REFERENCE_NAME, QUANTS[0]]
+
+
+def test_a_quant_outside_the_work_dir_is_in_its_report(vlm_dir, work, eval_spec, evaluated, tmp_path):
+    work_dir, cache = work
+    other = tmp_path / "other"
+    result = run_eval(vlm_dir, other, eval_spec, quants=[work_dir / "quants" / QUANTS[0]], device="cpu",
+                      cache_dir=cache)  # fmt: skip
+    assert list(result.frame["quant"]) == [REFERENCE_NAME, QUANTS[0]]
+    assert list(pd.read_csv(other / "report" / "report.csv")["quant"]) == [REFERENCE_NAME, QUANTS[0]]
