@@ -308,8 +308,10 @@ def load_records(work_dir: Path, *, reference_key: str | None = None) -> list[di
         saved = _read_json(path)
         if path.name == "reference.json" or "record" not in saved:
             continue
-        # A quant may live outside this work dir (`exl2 eval -q DIR`): its eval file says where.
-        marker = Path(saved.get("quant_dir") or work_dir / "quants" / path.stem) / "EXL2_COMPLETE.json"
+        # The work dir's own quant when it has one (work dirs may be moved or copied); otherwise the folder the
+        # eval file recorded (`exl2 eval -q DIR` on a quant elsewhere).
+        own = work_dir / "quants" / path.stem
+        marker = (own if own.is_dir() else Path(saved.get("quant_dir") or own)) / "EXL2_COMPLETE.json"
         stamp = saved.get("inputs", {})
         if stamp.get("reference") == key and stamp.get("quant") == _file_hash(marker):
             quants.append(saved["record"])
