@@ -106,6 +106,17 @@ def _auto_resident(adapter: ModelAdapter, device: str) -> bool:
     return resident
 
 
+def _check_quant_dirs(quants: Sequence[Path]) -> None:
+    from quantize.compile import is_complete
+
+    for quant_dir in quants:
+        if not is_complete(quant_dir):
+            what = (
+                "does not exist" if not quant_dir.exists() else "is not a finished EXL2 folder (no EXL2_COMPLETE.json)"
+            )
+            raise EvalError(f"{quant_dir}: {what}")
+
+
 def _lm_keys(adapter: ModelAdapter) -> list[str]:
     return adapter.keys_with_role(Role.LINEAR, Role.LINEAR_BIAS, Role.NORM, Role.EMBEDDING, Role.HEAD)
 
@@ -150,6 +161,7 @@ def run_eval(
         import_exllamav2(purpose="exl2 eval --engine exllamav2")
     cache = cache_dir or cache_root()
     quants = list(quants) if quants is not None else complete_quants(work_dir)
+    _check_quant_dirs(quants)  # before the reference, which can take hours on a large model
     adapter = load_adapter(model_dir)
     resident = _auto_resident(adapter, device)
     inputs = build_inputs(

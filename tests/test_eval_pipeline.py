@@ -463,3 +463,13 @@ def test_a_quant_outside_the_work_dir_is_in_its_report(vlm_dir, work, eval_spec,
                       cache_dir=cache)  # fmt: skip
     assert list(result.frame["quant"]) == [REFERENCE_NAME, QUANTS[0]]
     assert list(pd.read_csv(other / "report" / "report.csv")["quant"]) == [REFERENCE_NAME, QUANTS[0]]
+
+
+def test_a_bad_quant_folder_is_refused_before_the_reference(vlm_dir, work, eval_spec, tmp_path, monkeypatch):
+    _, cache = work
+    monkeypatch.setattr(evaluation, "build_inputs", lambda *a, **k: pytest.fail("inputs built before the refusal"))
+    with pytest.raises(EvalError, match="does not exist"):
+        run_eval(vlm_dir, tmp_path / "w", eval_spec, quants=[tmp_path / "nope"], device="cpu", cache_dir=cache)
+    (tmp_path / "half").mkdir()
+    with pytest.raises(EvalError, match="not a finished EXL2 folder"):
+        run_eval(vlm_dir, tmp_path / "w", eval_spec, quants=[tmp_path / "half"], device="cpu", cache_dir=cache)
