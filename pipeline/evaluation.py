@@ -2,7 +2,7 @@
 
     <cache>/reference/<key>/      the full-precision reference (content-addressed, shared by every work dir)
     work_dir/eval/reference.json  the reference's own report row
-    work_dir/eval/<quant>.json    one quant's report row, its answers, and the inputs it was computed from
+    work_dir/eval/<quant>.json    one quant's report row, the inputs it was computed from, and its folder
     work_dir/report/              report.csv, report.md, report.html
 
 A quant whose eval file records the same reference key, the same quant folder (its completion marker's hash),
