@@ -30,7 +30,7 @@ import torch
 from eval.config import EvalSpec
 from eval.engine import EvalEngine, EvalSequence
 from eval.generate import decode, greedy
-from eval.metrics import AGREEMENT_K, METRICS_VERSION, TokenScores, TopK, perplexity, reference_topk
+from eval.metrics import AGREEMENT_K, METRICS_VERSION, StoredTopK, TokenScores, TopK, perplexity, reference_topk
 from eval.prompts import ImagePrompt, attach_features, check_no_overlap, sample_image_prompts, text_windows
 from quantize.progress import NullProgress, Progress
 
@@ -150,8 +150,8 @@ class Reference:
     """The full-precision model's outputs on one `EvalInputs`: top-K summaries, greedy answers, VQA predictions."""
 
     key: str
-    text: TopK | None
-    image: TopK | None
+    text: TopK | StoredTopK | None  # in memory when just computed, read from the cache file otherwise
+    image: TopK | StoredTopK | None
     answers: list[list[int]]
     vqa_predictions: dict[str, list[str]]
     metrics: dict[str, float]
@@ -188,9 +188,9 @@ def compute_reference(
         for logits, row in zip(engine.logits(_text_sequences(inputs.text)), inputs.text, strict=True):
             parts.append(reference_topk(logits[:-1], k, row[1:]))
             progress.advance("reference")
-        reference.text = TopK.cat(parts)
-        reference.metrics.update(_self_scores(reference.text, "", ppl=True))
-        reference.metrics["eval_tokens"] = float(reference.text.positions)
+        text = reference.text = TopK.cat(parts)
+        reference.metrics.update(_self_scores(text, "", ppl=True))
+        reference.metrics["eval_tokens"] = float(text.positions)
     if inputs.images:
         max_new = inputs.spec.images.max_new_tokens if inputs.spec.images else 16
         answers = greedy(engine, [p.sequence for p in inputs.images], max_new_tokens=max_new, stop_ids=inputs.stop_ids)
@@ -199,8 +199,9 @@ def compute_reference(
             rows = lg[_answer_rows(prompt, answer)]
             parts.append(reference_topk(rows, k, torch.tensor(answer)))
             matches.append(bool((rows.argmax(-1) == torch.tensor(answer)).all()))
-        reference.image, reference.answers = TopK.cat(parts), answers
-        scores = _self_scores(reference.image, "image_", ppl=False)
+        image = reference.image = TopK.cat(parts)
+        reference.answers = answers
+        scores = _self_scores(image, "image_", ppl=False)
         reference.metrics.update({key: scores[key] for key in IMAGE_COLUMNS if key in scores})
         reference.metrics["image_answer_agreement"] = sum(matches) / len(matches)
         reference.metrics["image_prompts"] = float(len(matches))
@@ -257,7 +258,9 @@ def score_model(
     return out
 
 
-def _score_text(engine: EvalEngine, text: torch.Tensor, reference: TopK, tick: Callable[[], None]) -> dict[str, float]:
+def _score_text(
+    engine: EvalEngine, text: torch.Tensor, reference: TopK | StoredTopK, tick: Callable[[], None]
+) -> dict[str, float]:
     scores = TokenScores.empty()
     per_row = text.shape[1] - 1
     for i, (logits, row) in enumerate(zip(engine.logits(_text_sequences(text)), text, strict=True)):
@@ -268,12 +271,13 @@ def _score_text(engine: EvalEngine, text: torch.Tensor, reference: TopK, tick: C
 
 
 def _score_images(engine: EvalEngine, inputs: EvalInputs, reference: Reference) -> dict[str, float]:
+    assert reference.image is not None  # the caller checked
     scores = TokenScores.empty()
     matches, offset = [], 0
     logits = engine.logits(_answered(inputs, reference.answers))
     for prompt, answer, lg in zip(inputs.images, reference.answers, logits, strict=True):
         rows = lg[_answer_rows(prompt, answer)]
-        ref = _slice(reference.image, slice(offset, offset + len(answer)))  # type: ignore[arg-type]
+        ref = _slice(reference.image, slice(offset, offset + len(answer)))
         offset += len(answer)
         scores.add(ref, rows, None)
         matches.append(bool((rows.argmax(-1) == torch.tensor(answer)).all()))
@@ -285,5 +289,5 @@ def _score_images(engine: EvalEngine, inputs: EvalInputs, reference: Reference) 
     }
 
 
-def _slice(topk: TopK, rows: slice) -> TopK:
+def _slice(topk: TopK | StoredTopK, rows: slice) -> TopK:
     return topk.rows(rows)

@@ -30,6 +30,7 @@ Definitions, per scored position (a token predicted from its prefix):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -67,6 +68,33 @@ class TopK:
 
 
 TOPK_FIELDS = ("indices", "logprobs", "rest_logprob", "target_logprob")
+
+
+class StoredTopK:
+    """A TopK in a safetensors file (`{part}.{field}` tensors), read a row range at a time: scoring a quant
+    against a cached reference holds one window's summary, not the whole evaluation's."""
+
+    def __init__(self, path: Path, part: str) -> None:
+        from safetensors import safe_open
+
+        self.path, self.part = path, part
+        with safe_open(str(path), framework="pt") as handle:
+            shape = handle.get_slice(f"{part}.indices").get_shape()
+        self.positions, self.k = int(shape[0]), int(shape[1])
+
+    def rows(self, rows: slice) -> TopK:
+        from safetensors import safe_open
+
+        start, stop, _ = rows.indices(self.positions)
+        with safe_open(str(self.path), framework="pt") as handle:
+            return TopK(*(handle.get_slice(f"{self.part}.{name}")[start:stop] for name in TOPK_FIELDS))
+
+    def __getattr__(self, name: str) -> torch.Tensor:
+        if name not in TOPK_FIELDS:
+            raise AttributeError(name)
+        return getattr(self.rows(slice(0, self.positions)), name)
+
+
 # Positions scored per chunk: the float64 copies of a [chunk, vocab] block stay near 100 MB at a 50k vocabulary.
 _CHUNK = 256
 

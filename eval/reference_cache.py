@@ -16,11 +16,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from eval.engine import EvalEngine
 from eval.evaluate import EvalInputs, Reference, compute_reference
-from eval.metrics import METRICS_VERSION, TOPK_FIELDS, TopK
+from eval.metrics import METRICS_VERSION, TOPK_FIELDS, StoredTopK
 from quantize.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -59,30 +60,29 @@ def save_reference(reference: Reference, folder: Path) -> int:
 
 
 def load_reference(folder: Path, key: str) -> Reference | None:
-    """The cached reference for `key`, or None when there is none (or it is for another key)."""
+    """The cached reference for `key` (its top-K summaries read from disk as they are scored), or None when there
+    is none, it is for another key, or it is damaged."""
     if not (folder / "reference.json").is_file():
         return None
+    path = folder / "reference.safetensors"
     try:
         meta = json.loads((folder / "reference.json").read_text())
-        tensors = load_file(str(folder / "reference.safetensors"))
+        if meta.get("key") != key:
+            return None
+        with safe_open(str(path), framework="pt") as handle:
+            names = set(handle.keys())
+            small = {n: handle.get_tensor(n) for n in ("image.answer_lengths", "image.answer_tokens") if n in names}
+        text, image = (StoredTopK(path, part) if f"{part}.indices" in names else None for part in ("text", "image"))
     except Exception as exc:  # a damaged entry (truncated file, SafetensorError, bad JSON) is recomputed
         log.warning("reference cache entry %s is unreadable (%s); computing it again", folder, exc)
         return None
-    if meta.get("key") != key:
-        return None
-
-    def topk(part: str) -> TopK | None:
-        if f"{part}.indices" not in tensors:
-            return None
-        return TopK(*(tensors[f"{part}.{name}"] for name in TOPK_FIELDS))
-
     answers: list[list[int]] = []
-    if "image.answer_lengths" in tensors:
-        flat = tensors["image.answer_tokens"].tolist()
-        for length in tensors["image.answer_lengths"].tolist():
+    if "image.answer_lengths" in small:
+        flat = small["image.answer_tokens"].tolist()
+        for length in small["image.answer_lengths"].tolist():
             answers.append(flat[:length])
             flat = flat[length:]
-    return Reference(key, topk("text"), topk("image"), answers, meta["vqa_predictions"], meta["metrics"])
+    return Reference(key, text, image, answers, meta["vqa_predictions"], meta["metrics"])
 
 
 def cache_size(folder: Path) -> int:
@@ -110,4 +110,5 @@ def cached_reference(
         engine.close()
     size = save_reference(reference, folder)
     log.info("reference: computed and cached at %s (%.1f MiB)", folder, size / 2**20)
-    return reference, False, size
+    # Scored from the file from here on, so the summaries in memory go now.
+    return load_reference(folder, key) or reference, False, size

@@ -25,7 +25,7 @@ from eval.config import EvalSpec, ImageEvalSpec, TextEvalSpec, VqaSetSpec
 from eval.engine import EvalSequence
 from eval.evaluate import Reference, build_inputs
 from eval.generate import greedy
-from eval.metrics import TopK, reference_topk
+from eval.metrics import StoredTopK, TopK, reference_topk
 from eval.prompts import text_windows
 from eval.reference_cache import load_reference, save_reference
 from eval.torch_engine import source_engine
@@ -473,3 +473,14 @@ def test_a_bad_quant_folder_is_refused_before_the_reference(vlm_dir, work, eval_
     (tmp_path / "half").mkdir()
     with pytest.raises(EvalError, match="not a finished EXL2 folder"):
         run_eval(vlm_dir, tmp_path / "w", eval_spec, quants=[tmp_path / "half"], device="cpu", cache_dir=cache)
+
+
+def test_a_cached_reference_is_read_a_window_at_a_time(tmp_path):
+    reference = _reference("d" * 64)
+    save_reference(reference, tmp_path / "ref")
+    loaded = load_reference(tmp_path / "ref", reference.key)
+    assert isinstance(loaded.text, StoredTopK) and loaded.text.positions == reference.text.positions
+    part = loaded.text.rows(slice(3, 7))
+    assert isinstance(part, TopK) and part.positions == 4
+    for name in (f.name for f in fields(TopK)):
+        assert torch.equal(getattr(part, name), getattr(reference.text, name)[3:7])
