@@ -7,7 +7,9 @@ without tokenizing) and, given a `BuildContext`, into exactly the rows asked for
 from __future__ import annotations
 
 import hashlib
+import json
 from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -90,3 +92,18 @@ def read_text(path: Path, where: str) -> str:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise CalibrationError(f"{where}: '{path.name}' is not UTF-8 text (byte {exc.start})") from exc
+
+
+def jsonl_objects(lines: Iterable[str]) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) for each non-blank line of a JSON-lines text; a line that is not valid JSON, or not a
+    JSON object, is a ValueError naming the line (callers add which file and raise their own error type)."""
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"line {number} is not valid JSON ({exc.msg})") from exc
+        if not isinstance(value, dict):
+            raise ValueError(f"line {number} is a {type(value).__name__}, not a JSON object")
+        yield number, value

@@ -10,7 +10,6 @@ windows start at seeded offsets. An image block that does not fit the row is a C
 from __future__ import annotations
 
 import io
-import json
 import logging
 import random
 from abc import abstractmethod
@@ -23,7 +22,15 @@ from typing import TYPE_CHECKING, Any
 import torch
 from PIL import Image
 
-from calibration.base import BuildContext, CalibrationSource, SourceRows, existing_path, file_sha256, relative_name
+from calibration.base import (
+    BuildContext,
+    CalibrationSource,
+    SourceRows,
+    existing_path,
+    file_sha256,
+    jsonl_objects,
+    relative_name,
+)
 from calibration.exl2_default import exl2_data_file, exl2_data_identity
 from calibration.hfdata import HfDatasetRef
 from calibration.images import ImageContext, ImageRow, expand_prompt
@@ -232,17 +239,14 @@ class ImageFolderSource(ImageSource):
         if not path.is_file():
             return {}
         out: dict[str, dict[str, Any]] = {}
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise CalibrationError(f"{self.where}: {CAPTIONS_FILE} line {number} is not JSON") from exc
-            key = next((record[k] for k in _FILE_KEYS if isinstance(record.get(k), str)), None)
-            if key is None:
-                raise CalibrationError(f"{self.where}: {CAPTIONS_FILE} line {number} names no file ({_FILE_KEYS})")
-            out[key] = record
+        try:
+            for number, record in jsonl_objects(path.read_text(encoding="utf-8").splitlines()):
+                key = next((record[k] for k in _FILE_KEYS if isinstance(record.get(k), str)), None)
+                if key is None:
+                    raise ValueError(f"line {number} names no file ({_FILE_KEYS})")
+                out[key] = record
+        except ValueError as exc:
+            raise CalibrationError(f"{self.where}: {CAPTIONS_FILE} {exc}") from exc
         return out
 
 

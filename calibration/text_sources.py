@@ -8,7 +8,6 @@ lacking one they join all fields of a row with spaces, as exllamav2 does with pa
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 from abc import abstractmethod
@@ -22,6 +21,7 @@ from calibration.base import (
     SourceRows,
     existing_path,
     file_sha256,
+    jsonl_objects,
     read_text,
     relative_name,
 )
@@ -110,18 +110,10 @@ class JsonlSource(TextStreamSource):
 
     def records(self) -> list[dict[str, Any]]:
         path = existing_path(self.spec.path, self.where)
-        records = []
-        for number, line in enumerate(read_text(path, self.where).splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                value = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise CalibrationError(f"{self.where}: line {number} is not JSON ({exc.msg})") from exc
-            if not isinstance(value, dict):
-                raise CalibrationError(f"{self.where}: line {number} is a {type(value).__name__}, not an object")
-            records.append(value)
-        return records
+        try:
+            return [record for _, record in jsonl_objects(read_text(path, self.where).splitlines())]
+        except ValueError as exc:
+            raise CalibrationError(f"{self.where}: {exc}") from exc
 
     def documents(self, seed: int) -> Iterator[str]:
         records = self.records()

@@ -21,6 +21,7 @@ from typing import Any
 
 from PIL import Image
 
+from calibration.base import jsonl_objects
 from eval.config import VqaSetSpec
 from eval.vqa_metrics import METRICS
 from quantize.errors import CalibrationError, EvalError
@@ -215,18 +216,13 @@ def _jsonl_rows(spec: VqaSetSpec, path: Path) -> Iterator[tuple[Mapping[str, Any
         raise EvalError(f"VQA set '{spec.name}': jsonl file {path} not found")
     rows: list[tuple[Mapping[str, Any], str]] = []
     with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if len(rows) >= spec.limit:
-                break
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise EvalError(f"VQA set '{spec.name}': {path} line {number} is not valid JSON ({exc.msg})") from exc
-            if not isinstance(row, dict):
-                raise EvalError(f"VQA set '{spec.name}': {path} line {number} is not a JSON object")
-            rows.append((row, f"{path} line {number}"))
+        try:
+            for number, row in jsonl_objects(handle):
+                rows.append((row, f"{path} line {number}"))
+                if len(rows) >= spec.limit:
+                    break
+        except ValueError as exc:
+            raise EvalError(f"VQA set '{spec.name}': {path} {exc}") from exc
     return iter(rows)
 
 

@@ -144,3 +144,13 @@ def test_mix_text_with_exl2_default(tmp_path, tok, docs):
     calset = build_calibration(spec, tok)
     assert [s.rows for s in calset.sources_summary] == [5, 5]
     assert sum(calset.sources_summary[0].parts.values()) == 5
+
+
+def test_jsonl_objects_numbers_lines_and_refuses_non_objects():
+    from calibration.base import jsonl_objects
+
+    assert list(jsonl_objects(['{"a": 1}', "", '  {"b": 2}'])) == [(1, {"a": 1}), (3, {"b": 2})]
+    with pytest.raises(ValueError, match=r"^line 2 is not valid JSON \("):
+        list(jsonl_objects(['{"a": 1}', "{oops"]))
+    with pytest.raises(ValueError, match=r"^line 1 is a list, not a JSON object$"):
+        list(jsonl_objects(["[1, 2]"]))
