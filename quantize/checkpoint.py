@@ -15,12 +15,15 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from quantize.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -94,3 +97,20 @@ class LayerCheckpoint:
 
     def clear(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def resume_or_start(
+    checkpoint: LayerCheckpoint | None,
+    initial_states: Callable[[], torch.Tensor],
+    *,
+    progress: Progress,
+    task: str,
+    steps_per_layer: int,
+) -> Resume:
+    """Where a pass begins: its checkpoint's saved state (progress advanced past the finished layers), or layer 0
+    with an empty record and `initial_states()` (only computed then: it runs the embeddings and vision tower)."""
+    resume = checkpoint.load() if checkpoint else None
+    if resume is None:
+        return Resume(0, {}, initial_states())
+    progress.advance(task, resume.next_layer * steps_per_layer, resumed_at_layer=resume.next_layer)
+    return resume

@@ -20,7 +20,7 @@ import torch
 from calibration import CalibrationSet
 from quantize import candidates as cand
 from quantize.adapters import ModelAdapter
-from quantize.checkpoint import LayerCheckpoint
+from quantize.checkpoint import LayerCheckpoint, resume_or_start
 from quantize.format import total_bits
 from quantize.gptq import HessianAccumulator, PreparedHessian, gptq_quantize, prepare
 from quantize.memory import release_memory
@@ -163,13 +163,11 @@ def measure(
     ctx = LayerContext(adapter, lm, lm.position_embeddings(calset.length))
     prefix = exl2_prefix(adapter)
     layers = adapter.text.num_hidden_layers
-    resume = checkpoint.load() if checkpoint else None
-    start, result = (resume.next_layer, resume.record) if resume else (0, {})
-    states = resume.states if resume else initial_states(adapter, calset, lm)
     progress.start("measure", layers * len(SLOTS), rows=calset.rows, length=calset.length)
-    if start:
-        progress.advance("measure", start * len(SLOTS), resumed_at_layer=start)
-    for index in range(start, layers):
+    resume = resume_or_start(checkpoint, lambda: initial_states(adapter, calset, lm), progress=progress,
+                             task="measure", steps_per_layer=len(SLOTS))  # fmt: skip
+    result, states = resume.record, resume.states
+    for index in range(resume.next_layer, layers):
         weights = layer_weights(lm, index)
         for slot in SLOTS:
             key = f"{prefix}layers.{index}.{slot.mode}"

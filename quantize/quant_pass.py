@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from calibration import CalibrationSet
 from quantize.adapters import ModelAdapter
 from quantize.candidates import head_config
-from quantize.checkpoint import LayerCheckpoint
+from quantize.checkpoint import LayerCheckpoint, resume_or_start
 from quantize.format import pack, total_bits
 from quantize.gptq import HessianAccumulator, gptq_quantize, prepare
 from quantize.measure import LayerContext, capture_hessians, exl2_prefix, layer_weights, relative_error
@@ -148,14 +148,11 @@ def quantize_model(
     lm = LayerwiseLM(adapter.text, adapter, device=device)
     ctx = LayerContext(adapter, lm, lm.position_embeddings(calset.length))
     prefix, layers = exl2_prefix(adapter), adapter.text.num_hidden_layers
-    resume = checkpoint.load() if checkpoint else None
-    start = resume.next_layer if resume else 0
-    stats = QuantStats(**resume.record) if resume else QuantStats()
-    states = resume.states if resume else initial_states(adapter, calset, lm)
     progress.start("quantize", layers * len(SLOTS) + 1)
-    if start:
-        progress.advance("quantize", start * len(SLOTS), resumed_at_layer=start)
-    for index in range(start, layers):
+    resume = resume_or_start(checkpoint, lambda: initial_states(adapter, calset, lm), progress=progress,
+                             task="quantize", steps_per_layer=len(SLOTS))  # fmt: skip
+    stats, states = QuantStats(**resume.record), resume.states
+    for index in range(resume.next_layer, layers):
         weights = layer_weights(lm, index)
         for slot in SLOTS:
             key = f"{prefix}layers.{index}.{slot.mode}"
