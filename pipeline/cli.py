@@ -149,9 +149,9 @@ ResourceCheck = Annotated[
 
 
 def _device(name: str) -> str:
-    from quantize.engines import default_device
+    from quantize.engines import resolve_device  # torch loads only for commands that run a model
 
-    return str(default_device()) if name == "auto" else name
+    return resolve_device(name)
 
 
 def _progress(as_json: bool):

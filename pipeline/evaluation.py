@@ -12,7 +12,6 @@ engine and tool/metrics versions is not evaluated again.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -27,7 +26,7 @@ from eval.engine import EvalEngine
 from eval.evaluate import EvalInputs, Reference, build_inputs, score_model
 from eval.metrics import METRICS_VERSION
 from pipeline.assets import cache_root
-from pipeline.jobs import model_fingerprint, write_json
+from pipeline.jobs import model_fingerprint, read_json, write_json
 from pipeline.resources import MeasureUsage, Usage
 from quantize.adapters import ModelAdapter, Role, load_adapter
 from quantize.errors import EvalError
@@ -58,19 +57,12 @@ def complete_quants(work_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: (_quant_config(p).get("bits", 0), p.name))
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
-
-
 def _quant_config(quant_dir: Path) -> dict[str, Any]:
-    return _read_json(quant_dir / "config.json").get("quantization_config", {})
+    return read_json(quant_dir / "config.json").get("quantization_config", {})
 
 
 def _provenance(quant_dir: Path) -> dict[str, Any]:
-    return _read_json(quant_dir / "config.json").get("exl2_vlm", {})
+    return read_json(quant_dir / "config.json").get("exl2_vlm", {})
 
 
 def calibration_rows(work_dir: Path, quants: Sequence[Path], *, cache_dir: Path) -> list[torch.Tensor]:
@@ -80,7 +72,7 @@ def calibration_rows(work_dir: Path, quants: Sequence[Path], *, cache_dir: Path)
 
     from calibration.build import cache_path
 
-    fingerprints = {_read_json(work_dir / "measurement.meta.json").get("inputs", {}).get("calibration")}
+    fingerprints = {read_json(work_dir / "measurement.meta.json").get("inputs", {}).get("calibration")}
     fingerprints |= {_provenance(q).get("calibration_fingerprint") for q in quants}
     rows = []
     for fp in sorted(f for f in fingerprints if f):
@@ -206,8 +198,10 @@ def _eval_dir(work_dir: Path) -> Path:
     return path
 
 
-def _file_hash(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else ""
+def marker_hash(quant_dir: Path) -> str:
+    """sha256 of a quant folder's completion marker ("" without one): what an eval row records it was scored on."""
+    marker = quant_dir / "EXL2_COMPLETE.json"
+    return hashlib.sha256(marker.read_bytes()).hexdigest() if marker.is_file() else ""
 
 
 def _mib(value: float | int | None) -> float | None:
@@ -260,12 +254,12 @@ class _RunContext:
         path = _eval_dir(self.work_dir) / f"{quant_dir.name}.json"
         stamp = {
             "reference": self.key,
-            "quant": _file_hash(quant_dir / "EXL2_COMPLETE.json"),
+            "quant": marker_hash(quant_dir),
             "engine": self.spec.engine,
             "metrics_version": METRICS_VERSION,
             "tool_version": tool_version(),
         }
-        saved = _read_json(path)
+        saved = read_json(path)
         if not force and saved.get("inputs") == stamp:
             log.info("eval %s: up to date (same reference, quant, engine and versions); skipped", quant_dir.name)
             return saved["record"]
@@ -286,9 +280,9 @@ class _RunContext:
         qc, prov = _quant_config(quant_dir), _provenance(quant_dir)
         if not qc:
             raise EvalError(f"{quant_dir}: config.json has no quantization_config; not an EXL2 quant folder")
-        result = _read_json(quant_dir.parent / f"{quant_dir.name}.result.json")
-        marker = _read_json(quant_dir / "EXL2_COMPLETE.json")
-        measured = _read_json(self.work_dir / "measurement.meta.json").get("usage", {})
+        result = read_json(quant_dir.parent / f"{quant_dir.name}.result.json")
+        marker = read_json(quant_dir / "EXL2_COMPLETE.json")
+        measured = read_json(self.work_dir / "measurement.meta.json").get("usage", {})
         usage = result.get("usage", {})
         return {
             "quant": quant_dir.name, "is_reference": False, "target_bpw": qc.get("bits"),
@@ -310,22 +304,22 @@ def load_records(work_dir: Path, *, reference_key: str | None = None) -> list[di
     """The report rows saved by evaluations of this work dir: the reference first, then every quant scored
     against that reference (the last one evaluated, or `reference_key`) whose folder is still as it was scored."""
     folder = work_dir / "eval"
-    saved_reference = _read_json(folder / "reference.json")
+    saved_reference = read_json(folder / "reference.json")
     reference = saved_reference.get("record")
     if reference is None:
         raise EvalError(f"{folder / 'reference.json'}: missing; run `exl2 eval` on this work dir first")
     key = reference_key or saved_reference.get("inputs", {}).get("reference")
     quants = []
     for path in sorted(folder.glob("*.json")):
-        saved = _read_json(path)
+        saved = read_json(path)
         if path.name == "reference.json" or "record" not in saved:
             continue
         # The work dir's own quant when it has one (work dirs may be moved or copied); otherwise the folder the
         # eval file recorded (`exl2 eval -q DIR` on a quant elsewhere).
         own = work_dir / "quants" / path.stem
-        marker = (own if own.is_dir() else Path(saved.get("quant_dir") or own)) / "EXL2_COMPLETE.json"
+        quant_dir = own if own.is_dir() else Path(saved.get("quant_dir") or own)
         stamp = saved.get("inputs", {})
-        if stamp.get("reference") == key and stamp.get("quant") == _file_hash(marker):
+        if stamp.get("reference") == key and stamp.get("quant") == marker_hash(quant_dir):
             quants.append(saved["record"])
         else:
             log.info("report: %s left out (scored against another reference, or its quant changed since)", path.name)

@@ -50,6 +50,14 @@ def write_json(path: Path, data: Any) -> None:
     tmp.replace(path)
 
 
+def read_json(path: Path) -> dict[str, Any]:
+    """A side file's JSON object, or {} when it is missing or unreadable (side files are optional facts)."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
 def model_fingerprint(adapter: ModelAdapter) -> str:
     """sha256 of config.json and every tensor's name, dtype, shape and shard: cheap, and changes with the weights'
     layout (not their values: hashing a 123B model's bytes would take longer than measuring it)."""

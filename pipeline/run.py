@@ -21,6 +21,7 @@ from typing import Any
 
 from pipeline.jobs import write_json
 from pipeline.recipe import Recipe, resolve_model, save_resolved
+from quantize.engines import resolve_device
 from quantize.errors import RecipeError
 from quantize.progress import NullProgress, Progress
 
@@ -37,12 +38,6 @@ class RunResult:
     model_dir: Path
     stages: dict[str, dict[str, Any]] = field(default_factory=dict)
     evaluation: Any = None  # pipeline.evaluation.EvalRun when the eval stage ran
-
-
-def _device(name: str) -> str:
-    from quantize.engines import default_device
-
-    return str(default_device()) if name == "auto" else name
 
 
 def run_recipe(
@@ -108,7 +103,7 @@ def _run_stages(
     save_resolved(recipe, work / "recipe.yaml")
     model_dir = resolve_model(recipe.model, cache_dir=cache_dir)
     result = RunResult(recipe, model_dir)
-    device = _device(recipe.device)
+    device = resolve_device(recipe.device)
     command = " ".join(["exl2", *sys.argv[1:]]) if sys.argv else "exl2 run"
     if "measure" in stages:
         with _stage(result, "measure") as info:
@@ -132,7 +127,7 @@ def _run_stages(
         with _stage(result, "eval") as info:
             result.evaluation = run_eval(
                 model_dir, work, recipe.eval, quants=quant_dirs, run_name=recipe.name,
-                device=_device(recipe.eval.device), cache_dir=cache_dir, progress=progress, force=force,
+                device=resolve_device(recipe.eval.device), cache_dir=cache_dir, progress=progress, force=force,
             )  # fmt: skip
             info.update(quants=[p.name for p in quant_dirs], report=str(result.evaluation.report.html))
     if "upload" in stages:

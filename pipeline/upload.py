@@ -15,8 +15,6 @@ completion marker matches), and its metrics meet the recipe's thresholds (`uploa
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -26,6 +24,8 @@ from typing import Any
 import pandas as pd
 import yaml
 
+from pipeline.evaluation import marker_hash
+from pipeline.jobs import read_json
 from quantize.errors import Exl2Error
 from quantize.provenance import tool_version
 
@@ -81,29 +81,18 @@ class Plan:
         return self.card_for(list(self.branches))
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
-
-
-def _file_hash(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else ""
-
-
 def gate_problems(work_dir: Path, quant_dir: Path, report_row: pd.Series | None, gates: Gates) -> list[str]:
     """Why this quant may not be published (an empty list when it may)."""
     problems = []
     if not (quant_dir / "EXL2_COMPLETE.json").is_file():
         return ["the quant folder is incomplete (no EXL2_COMPLETE.json)"]
     vision = quant_dir / "vision_check.json"
-    if vision.is_file() and not _read_json(vision).get("identical", False):
+    if vision.is_file() and not read_json(vision).get("identical", False):
         problems.append("its vision tower or projector differs from the source (vision_check.json)")
-    saved = _read_json(work_dir / "eval" / f"{quant_dir.name}.json")
+    saved = read_json(work_dir / "eval" / f"{quant_dir.name}.json")
     if not saved:
         problems.append("it has not been evaluated (run `exl2 eval` first)")
-    elif saved.get("inputs", {}).get("quant") != _file_hash(quant_dir / "EXL2_COMPLETE.json"):
+    elif saved.get("inputs", {}).get("quant") != marker_hash(quant_dir):
         problems.append("it changed since it was evaluated (run `exl2 eval` again)")
     if report_row is not None:
         kl, top1 = report_row.get("kl_mean"), report_row.get("top1_agreement")
@@ -251,15 +240,15 @@ def _how_made(work_dir: Path, quants: pd.DataFrame) -> list[str]:
     calibration = _first(quants, "calibration")
     if calibration:
         lines.append(f"- Calibration: {calibration} (hash `{str(_first(quants, 'calibration_hash'))[:16]}`).")
-    meta = _read_json(work_dir / "measurement.meta.json")
+    meta = read_json(work_dir / "measurement.meta.json")
     if meta:
         cal = meta.get("calibration", {})
         lines.append(f"- Measurement: {cal.get('rows')} rows x {cal.get('length')} tokens, once for every quant "
                      "(`measurement.json` on main).")  # fmt: skip
-    run = _read_json(work_dir / "run.json")
+    run = read_json(work_dir / "run.json")
     if run:
         lines.append(f"- Recipe: `{run.get('recipe')}` (fingerprint `{str(run.get('fingerprint'))[:16]}`).")
-    commands = sorted({_read_json(work_dir / "quants" / q / "config.json").get("exl2_vlm", {}).get("command", "")
+    commands = sorted({read_json(work_dir / "quants" / q / "config.json").get("exl2_vlm", {}).get("command", "")
                        for q in quants["quant"]} - {""})  # fmt: skip
     lines += [f"- Command: `{c}`" for c in commands]
     return lines

@@ -55,6 +55,11 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
+def resolve_device(name: str) -> str:
+    """A device name as given (cpu, cuda, cuda:N), with `auto` resolved by `default_device`."""
+    return str(default_device()) if name == "auto" else name
+
+
 def exllamav2_installed() -> bool:
     """Whether the exllamav2 package is installed, found without importing it."""
     return importlib.util.find_spec("exllamav2") is not None
