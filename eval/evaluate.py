@@ -237,11 +237,10 @@ def score_model(
     inputs: EvalInputs,
     reference: Reference,
     *,
-    predictions: dict[str, list[str]] | None = None,
     progress: Progress | None = None,
     task: str = "score",
 ) -> dict[str, float]:
-    """The report's metric columns for one model (see the module docstring); `predictions` reuses VQA answers."""
+    """The report's metric columns for one model (see the module docstring)."""
     progress = progress or NullProgress()
     progress.start(task, inputs.units)
     out: dict[str, float] = {}
@@ -251,7 +250,7 @@ def score_model(
         out.update(_score_images(engine, inputs, reference))
         progress.advance(task, len(inputs.images))
     for vqa in inputs.vqa:
-        answers = (predictions or {}).get(vqa.column) or _vqa_predictions(engine, inputs, vqa)
+        answers = _vqa_predictions(engine, inputs, vqa)
         out[vqa.column] = float(vqa.vqa_set.score(answers))
         progress.advance(task, len(answers))
     progress.finish(task)

@@ -13,9 +13,9 @@ whole model once per batch, so then a batch holds every sequence (up to `batch_t
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
-from functools import cache
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -32,25 +32,30 @@ class _ResidentWeights:
 
     def __init__(self, inner: TextWeights, device: torch.device, dtype: torch.dtype) -> None:
         self._inner, self._device, self._dtype = inner, device, dtype
-        self.layer = cache(self._layer)  # type: ignore[method-assign]
-        self.embed_tokens = cache(self._embed_tokens)  # type: ignore[method-assign]
-        self.final_norm = cache(self._final_norm)  # type: ignore[method-assign]
-        self.lm_head = cache(self._lm_head)  # type: ignore[method-assign]
+        self._kept: dict[str, Any] = {}
 
     def _move(self, t: torch.Tensor) -> torch.Tensor:
         return t.to(device=self._device, dtype=self._dtype)
 
-    def _layer(self, index: int) -> LayerWeights:
-        return {name: self._move(t) for name, t in self._inner.layer(index).items()}
+    def _keep(self, name: str, load: Callable[[], Any]) -> Any:
+        """`load()` (a tensor or a layer's dict of them) moved and cast on first use, the kept copy after."""
+        if name not in self._kept:
+            loaded = load()
+            is_layer = isinstance(loaded, dict)
+            self._kept[name] = {k: self._move(t) for k, t in loaded.items()} if is_layer else self._move(loaded)
+        return self._kept[name]
 
-    def _embed_tokens(self) -> torch.Tensor:
-        return self._move(self._inner.embed_tokens())
+    def layer(self, index: int) -> LayerWeights:
+        return self._keep(f"layer {index}", lambda: self._inner.layer(index))
 
-    def _final_norm(self) -> torch.Tensor:
-        return self._move(self._inner.final_norm())
+    def embed_tokens(self) -> torch.Tensor:
+        return self._keep("embed_tokens", self._inner.embed_tokens)
 
-    def _lm_head(self) -> torch.Tensor:
-        return self._move(self._inner.lm_head())
+    def final_norm(self) -> torch.Tensor:
+        return self._keep("final_norm", self._inner.final_norm)
+
+    def lm_head(self) -> torch.Tensor:
+        return self._keep("lm_head", self._inner.lm_head)
 
 
 class TorchEngine:
